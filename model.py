@@ -65,7 +65,10 @@ class ModelArgs:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         n_heads = config["num_attention_heads"]
         dim = config["hidden_size"]
-        scaling = config.get("rope_scaling") or None
+        # transformers >= 5 writes "rope_parameters" (theta inside); older files rope_theta/rope_scaling.
+        rope = config.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling = (rope if rope.get("rope_type", "default") != "default" else None) or config.get("rope_scaling")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "default":
@@ -83,7 +86,7 @@ class ModelArgs:
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
             norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=config.get("rope_theta", 10000.0),
+            rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=config.get("tie_word_embeddings", False),

@@ -1,0 +1,65 @@
+"""Bad input: one-line error, non-zero exit, no traceback, no partial files."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(p, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_missing_checkpoint():
+    assert_one_line_error(run("generate.py", "--checkpoint", "checkpoints/does-not-exist"), "not found")
+
+
+def test_unknown_preset():
+    assert_one_line_error(run("generate.py", "--random-init", "Llama-9-1T"), "unknown preset", "Llama-3-8B")
+
+
+def test_prompt_longer_than_max_sequence_length(smollm2_dir):
+    p = run("generate.py", "--checkpoint", str(smollm2_dir), "--prompt", "word " * 9000, "--max-new-tokens", "5")
+    assert_one_line_error(p, "exceeds the model's maximum sequence length 8192")
+
+
+def test_unsupported_architecture_leaves_no_partial_files(tmp_path):
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 8}))
+    out_root = tmp_path / "checkpoints"
+    p = run("scripts/convert_hf_checkpoint.py", "--source", str(src), "--out-root", str(out_root))
+    assert_one_line_error(p, "unsupported architecture 'GPT2LMHeadModel'")
+    assert not out_root.exists() or list(out_root.iterdir()) == []
+
+
+def test_missing_weights_leave_no_partial_files(tmp_path):
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10}))
+    out_root = tmp_path / "checkpoints"
+    p = run("scripts/convert_hf_checkpoint.py", "--source", str(src), "--out-root", str(out_root))
+    assert_one_line_error(p, "no weights")
+    assert list(out_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [["--prompt", "The capital of France is"],
+                                   ["--chat", "--prompt", "What is the capital of France?"]])
+def test_generate_runs_on_embedded_model(smollm2_dir, flags):
+    p = run("generate.py", "--checkpoint", str(smollm2_dir), "--max-new-tokens", "8", *flags)
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+    assert "tok/s" in p.stderr and "GB/s" in p.stderr and "peak memory" in p.stderr

@@ -1,0 +1,88 @@
+"""Our Transformer vs Hugging Face transformers on tiny random models, through our converter."""
+import pytest
+import torch
+
+from model import ModelArgs, load_model
+from scripts.convert_hf_checkpoint import convert
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=211, max_position_embeddings=128, rms_norm_eps=1e-6)
+CASES = {
+    "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=10000.0)),
+    "llama-tied-mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama3-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32))),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    import transformers
+    config_cls, model_cls, extra = CASES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**TINY, **extra)
+    hf = getattr(transformers, model_cls)(config).eval()
+    if request.param == "qwen2-bias":  # make sure the biases matter
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    src = tmp_path_factory.mktemp("hf") / request.param
+    hf.save_pretrained(src)
+    out = convert(src, tmp_path_factory.mktemp("ckpt") / request.param)
+    return hf, load_model(out, dtype=torch.float32)
+
+
+def test_prefill_logits_match_transformers(pair):
+    hf, ours = pair
+    ids = torch.randint(0, TINY["vocab_size"], (2, 23))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert rel_err(ours(ids), ref) < 1e-4  # cache-less causal forward
+        ours.setup_caches(max_batch_size=2, max_seq_len=40)
+        assert rel_err(ours(ids, torch.arange(23)), ref) < 1e-4  # prefill into the KV cache
+
+
+def test_token_by_token_decode_matches_transformers(pair):
+    hf, ours = pair
+    ids = torch.randint(0, TINY["vocab_size"], (3, 17))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours.setup_caches(max_batch_size=3, max_seq_len=32)
+        prefix = 5
+        steps = [ours(ids[:, :prefix], torch.arange(prefix))]
+        for t in range(prefix, ids.shape[1]):
+            steps.append(ours(ids[:, t:t + 1], torch.tensor([t])))
+        assert rel_err(torch.cat(steps, dim=1), ref) < 1e-4
+
+
+def test_config_round_trip_and_presets():
+    for name in ("Llama-3-8B", "Llama-2-7B", "Mistral-7B", "Llama-3.2-1B", "Llama-3.1-8B"):
+        a = ModelArgs.from_preset(name)
+        assert a.dim % a.n_heads == 0 and a.n_heads % a.n_kv_heads == 0
+    a = ModelArgs.from_preset("Llama-3-8B")
+    assert (a.n_kv_heads, a.intermediate_size, a.vocab_size) == (8, 14336, 128256)
+    assert ModelArgs.from_preset("Llama-3.2-1B").tie_word_embeddings
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelArgs.from_preset("Llama-9-1T")
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        ModelArgs.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_bf16_and_fp16_run_close_to_fp32(pair):
+    _, ours = pair
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9))
+    with torch.no_grad():
+        ref = ours(ids)
+        for dtype in (torch.bfloat16, torch.float16):
+            low = ours.to(dtype)(ids).float()
+            assert rel_err(low, ref) < 5e-2
+    ours.to(torch.float32)
