@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import sparsity
 from model import ModelArgs, Transformer, load_model, random_model
 
 ROOT = Path(__file__).resolve().parent
@@ -51,9 +52,9 @@ def sample(logits, temperature: float = 0.0, top_k=None):
 
 
 # ----------------------------------------------------------------------------- decoding
-def prefill(model: Transformer, x, input_pos, temperature, top_k):
-    # x: (B, T) prompt, input_pos: (T,)
-    return sample(model(x, input_pos), temperature, top_k)
+def prefill(model: Transformer, x, input_pos, temperature, top_k, dense_prefix: int = 0):
+    # x: (B, T) prompt, input_pos: (T,); rows before dense_prefix skip sparsity
+    return sample(model(x, input_pos, dense_prefix), temperature, top_k)
 
 
 def decode_one_token(model: Transformer, x, input_pos, temperature, top_k):
@@ -77,8 +78,11 @@ def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batch_size: int = 1,
-             temperature: float = 0.0, top_k=None, callback=None, stop_ids=None):
-    """prompt: (T,) ids. Returns (batch_size, T + generated) ids, prompt included."""
+             temperature: float = 0.0, top_k=None, callback=None, stop_ids=None, dense_prefix: int = 0,
+             record_decode: bool = False):
+    """prompt: (T,) ids. Returns (batch_size, T + generated) ids, prompt included.
+    dense_prefix: prompt positions that skip activation sparsity (T under the `decode` token
+    policy). record_decode: count measured sparsity over the decode steps (sparsity.stop_recording)."""
     T = prompt.shape[0]
     max_seq_len = T + max_new_tokens
     limit = model.config.max_position_embeddings
@@ -89,7 +93,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batc
     model.setup_caches(max_batch_size=batch_size, max_seq_len=max_seq_len)
     x = prompt.view(1, -1).repeat(batch_size, 1)
     input_pos = torch.arange(0, T, device=device)
-    next_token = prefill(model, x, input_pos, temperature, top_k)
+    next_token = prefill(model, x, input_pos, temperature, top_k, dense_prefix)
+    if record_decode:
+        sparsity.start_recording(model)
     if callback is not None:
         callback(next_token)
     input_pos = torch.tensor([T], device=device, dtype=torch.int)
@@ -165,13 +171,28 @@ def run_generation(args, model, tokenizer, prompt_ids, stream=True):
     prompt = torch.tensor(prompt_ids, device=device, dtype=torch.int)
     streamer = Streamer(tokenizer, enabled=stream and tokenizer is not None and args.batch_size == 1)
     stop_ids = set(tokenizer.stop_ids) if (tokenizer is not None and args.stop_at_eos) else None
+    cfg = args.sparsity_cfg
+    dense_prefix = cfg.dense_prefix(len(prompt_ids)) if cfg is not None else 0
+    record = cfg is not None and not args.compile
     synchronize(device)
     t0 = time.perf_counter()
     out = generate(model, prompt, args.max_new_tokens, args.batch_size, args.temperature, args.top_k,
-                   callback=streamer if streamer.enabled else None, stop_ids=stop_ids)
+                   callback=streamer if streamer.enabled else None, stop_ids=stop_ids,
+                   dense_prefix=dense_prefix, record_decode=record)
     synchronize(device)
     dt = time.perf_counter() - t0
+    if record and stream:
+        report_sparsity(model, cfg, sparsity.stop_recording(model))
     return out, dt, streamer
+
+
+def report_sparsity(model, cfg, measured):
+    """Measured sparsity per site over the generated tokens and the effective weight sparsity."""
+    by_site = sparsity.mean_by_site(measured)
+    sites = ", ".join(f"{s} {v:.3f}" for s, v in by_site.items())
+    eff = sparsity.effective_sparsity(model, measured, cfg.header.get("method"))
+    print(f"\nmeasured sparsity over generated tokens (tokens={cfg.tokens}): {sites}; "
+          f"effective weight sparsity {eff:.3f}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -194,6 +215,7 @@ def main(argv=None):
                     help="default: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--no-stop", dest="stop_at_eos", action="store_false",
                     help="generate all --max-new-tokens even past an end-of-sequence token")
+    ap.add_argument("--sparsity", metavar="CONFIG", help="activation-sparsity config from calibrate.py")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -213,6 +235,13 @@ def _main(args):
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer = load(args)
+    args.sparsity_cfg = None
+    if args.sparsity:
+        args.sparsity_cfg = sparsity.load_config(args.sparsity)
+        sparsity.apply(model, args.sparsity_cfg)
+        h = args.sparsity_cfg.header
+        print(f"sparsity: method={h.get('method')} attention={h.get('attention')} tokens={h['tokens']}"
+              + (" (measured sparsity is not recorded under --compile)" if args.compile else ""), file=sys.stderr)
     print(f"loaded {model.config.name} ({model.config.architecture}, {args.dtype}) on {args.device} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if args.compile:

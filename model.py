@@ -21,7 +21,7 @@ Names: projections are `wqkv` (fused q/k/v, as gpt-fast), `wo`, and the MLP's
 """
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -202,9 +202,11 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.config, n_positions, device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, dense_prefix: int = 0) -> Tensor:
         """idx: (B, S) token ids. input_pos: (S,) positions in the KV cache, or None for a
-        cache-less causal forward over positions 0..S-1. Returns logits (B, S, vocab)."""
+        cache-less causal forward over positions 0..S-1. Rows at positions < dense_prefix
+        skip activation sparsity (the prompt under the `decode` token policy).
+        Returns logits (B, S, vocab)."""
         B, S = idx.shape
         if input_pos is None:
             self.setup_rope(S)
@@ -214,11 +216,12 @@ class Transformer(nn.Module):
             assert self.max_seq_len > 0, "call setup_caches() before a forward with input_pos"
             positions = input_pos
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, max_seq_len)
+        dense_rows = positions < dense_prefix if dense_prefix > 0 else None  # (S,) bool
         cos = self.rope_cos[positions].to(self.output.weight.dtype)
         sin = self.rope_sin[positions].to(self.output.weight.dtype)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, dense_rows)
         return self.output(self.norm(x))
 
     @classmethod
@@ -235,9 +238,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, dense_rows)
+        return h + self.feed_forward(self.ffn_norm(h), dense_rows)
 
 
 class Attention(nn.Module):
@@ -250,11 +253,11 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.sparsity = None  # sparsity.AttentionSparsity or None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None):
         c = self.config
         B, S, _ = x.shape
         # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP). Dense: one fused GEMM.
-        qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity)
+        qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(B, S, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = k.view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
@@ -263,10 +266,12 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq_len, D)
         # SPARSITY SITE: attention scores (Top-Theta, top-k). Dense: SDPA.
-        y = sp.sparse_attention(q, k, v, mask, input_pos, self.sparsity)  # (B, H, S, D)
+        y = sp.sparse_attention(q, k, v, mask, input_pos, self.sparsity, dense_rows)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, c.q_size)
         # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP).
-        return sp.sparse_linear(y, self.wo, self.sparsity and self.sparsity.o)
+        if self.sparsity is None:
+            return self.wo(y)
+        return sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows)
 
 
 class FeedForward(nn.Module):
@@ -279,12 +284,12 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.dim, bias=False)
         self.sparsity = None  # sparsity.MLPSparsity or None
 
-    def forward(self, x):
+    def forward(self, x, dense_rows=None):
         if self.sparsity is None:
             return self.down(F.silu(self.gate(x)) * self.up(x))
         # SPARSITY SITES: MLP input (gate/up input) and MLP intermediate (down input);
         # which activations are zeroed is the method's choice, see sparsity.sparse_mlp.
-        return sp.sparse_mlp(x, self, self.sparsity)
+        return sp.sparse_mlp(x, self, self.sparsity, dense_rows)
 
 
 class RMSNorm(nn.Module):

@@ -1,43 +1,212 @@
 """Activation sparsity, called inline from model.py at each marked site.
 
 Every function here takes the site's config (or None) last. With None it is
-the dense computation, written exactly as a dense model would write it, so a
-model with no sparsity config traces to the dense graph.
+the dense computation, written exactly as a dense model writes it, so a model
+with no sparsity config traces to the dense graph.
 
-Sites (model.py):
-  attention input  -> sparse_qkv        (q/k/v projection input)
-  attention scores -> sparse_attention  (softmax(q k^T) rows)
-  attention output -> sparse_linear     (o projection input)
-  MLP input / MLP intermediate -> sparse_mlp (gate/up input, down input)
+Sites (model.py)                 function            methods
+  attention input (q/k/v input)  sparse_qkv          TEAL, SCAP
+  attention scores               sparse_attention    Top-Theta, top-k
+  attention output (o input)     sparse_linear       TEAL, SCAP
+  MLP input / MLP intermediate   sparse_mlp          TEAL, SCAP, CATS, M-/D-COUNTDOWN
+
+Notation for the SwiGLU MLP: g = W_gate x, u = W_up x, s = SiLU(g) * u, y = W_down s.
+
+Which tokens are sparse is explicit: `dense_rows` (bool, one per query row of
+the current forward) marks rows that stay dense. Config field `tokens` is
+"all" (every token sparse; CATS, SCAP evaluate so) or "decode" (prompt/context
+dense, generated/continuation tokens sparse; TEAL's fast path, COUNTDOWN);
+generate.py and eval.py turn it into `dense_prefix` for Transformer.forward.
+
+This file is the plain-PyTorch reference: masked activations are computed
+densely and zeroed, which gives the same numbers as skipping the weights.
+kernels.py makes the skipping real on GPU (use_kernels below).
+
+The config file (one per calibration, written by calibrate.py) is a
+safetensors file: tensors (thresholds, modes, predictors, attention threshold
+tables) plus a JSON header with the methods, targets, calibrated sparsities
+and a fingerprint of the model it was made for.
 """
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+FORMAT = "activation-sparsity/1"
+PROJ_METHODS = ("teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle")
+ATTN_METHODS = ("top-theta", "top-k")
+LINEAR_SITES = ("q", "k", "v", "o", "gate", "up", "down")
 
-def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None) -> Tensor:
-    """y = linear(x), or with a site config the thresholded input (see ThresholdSite)."""
+
+# ----------------------------------------------------------------------------- config objects
+@dataclass
+class LinearSite:
+    """Input thresholding of one projection (TEAL sec. 3; SCAP sec. 3 with Mode-Centering):
+        y = W ((x - m) * 1[|x - m| > t]) + W m
+    TEAL: m = 0. SCAP: m = the calibrated mode; W m (`shift_bias`, fp32) makes t = 0 exact."""
+    threshold: Tensor  # scalar
+    mode: Optional[Tensor] = None  # scalar or None (= 0)
+    shift_bias: Optional[Tensor] = None  # (out,) fp32, W m; filled by apply()
+
+
+@dataclass
+class AttentionScores:
+    """Top-Theta (arXiv 2502.08363) or top-k attention for one layer.
+    thresholds: (H, N) theta per head and visible length n = 1..N (top-theta)."""
+    method: str  # "top-theta" | "top-k"
+    k: int  # rows that see n <= k keys stay dense; top-k keeps k per row
+    placement: str = "pre"  # "pre": scaled scores (dropped -> -inf); "post": probabilities (dropped -> 0)
+    thresholds: Optional[Tensor] = None
+    sdc: str = "none"  # softmax-denominator compensation (pre only): none | exact | theta
+    vmc: bool = False  # V-mean compensation
+    collect: Optional[dict] = None  # calibration: {n: list of (H,) k-th values}
+
+
+@dataclass
+class AttentionSparsity:
+    q: Optional[LinearSite] = None
+    k: Optional[LinearSite] = None
+    v: Optional[LinearSite] = None
+    o: Optional[LinearSite] = None
+    scores: Optional[AttentionScores] = None
+    sizes: tuple = ()  # (q_size, kv_size, kv_size): how wqkv's rows split
+    stats: Optional[dict] = None  # site -> [zeros, total] while recording
+
+    @property
+    def qkv(self):
+        return (self.q, self.k, self.v) if (self.q or self.k or self.v) else None
+
+
+@dataclass
+class MLPSparsity:
+    method: str  # one of PROJ_METHODS
+    gate: Optional[LinearSite] = None  # teal / scap: input sites
+    up: Optional[LinearSite] = None
+    down: Optional[LinearSite] = None
+    threshold: Optional[Tensor] = None  # cats: on |SiLU(g)|; m-countdown: on |u|
+    ratio: Optional[float] = None  # d-countdown-oracle: fraction of |s| dropped per token
+    predictor_v: Optional[Tensor] = None  # d-countdown: logit = (x V) U^T + b, V: (dim, r)
+    predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
+    predictor_b: Optional[Tensor] = None  # b: (d_ff,)
+    stats: Optional[dict] = None
+
+
+# ----------------------------------------------------------------------------- sites
+def _record(stats, name, kept: Tensor, dense_rows):
+    """Count zeros over the sparse rows only. kept: bool (..., S, C)."""
+    if stats is None:
+        return
+    if dense_rows is not None:
+        kept = kept[..., ~dense_rows, :]
+    entry = stats.setdefault(name, [0, 0])
+    entry[0] += int((~kept).sum())
+    entry[1] += kept.numel()
+
+
+def threshold_input(x: Tensor, site: LinearSite, dense_rows=None):
+    """(x - m) * 1[|x - m| > t], rows in dense_rows kept whole. Returns (x_tilde, kept)."""
+    c = x if site.mode is None else x - site.mode.to(x.dtype)
+    kept = c.abs() > site.threshold.to(x.dtype)
+    if dense_rows is not None:
+        kept = kept | dense_rows[:, None]
+    return c * kept, kept
+
+
+def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, name="", dense_rows=None,
+                  weight=None, bias=None) -> Tensor:
+    """y = linear(x); with a LinearSite, y = W (x - m) * 1[|x - m| > t] + W m."""
     if site is None:
-        return linear(x)
-    raise NotImplementedError("sparse sites arrive with the sparsity-methods issue")
+        return linear(x) if linear is not None else F.linear(x, weight, bias)
+    weight = linear.weight if linear is not None else weight
+    bias = linear.bias if linear is not None else bias
+    xs, kept = threshold_input(x, site, dense_rows)
+    _record(stats, name, kept, dense_rows)
+    y = F.linear(xs, weight, bias)
+    if site.shift_bias is not None:
+        y = y + site.shift_bias.to(y.dtype)
+    return y
 
 
-def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn_sparsity=None) -> Tensor:
-    """Fused q/k/v projection of the attention input."""
-    if attn_sparsity is None or attn_sparsity.qkv is None:
+def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsity] = None,
+               dense_rows=None) -> Tensor:
+    """Fused q/k/v projection; with sparsity, each of q, k, v thresholds the shared input
+    with its own threshold (TEAL's greedy gives them different sparsities)."""
+    if attn is None or attn.qkv is None:
         return wqkv(x)
-    raise NotImplementedError("sparse sites arrive with the sparsity-methods issue")
+    ws = wqkv.weight.split(attn.sizes)
+    bs = wqkv.bias.split(attn.sizes) if wqkv.bias is not None else (None, None, None)
+    return torch.cat([sparse_linear(x, None, site, attn.stats, name, dense_rows, w, b)
+                      for site, name, w, b in zip(attn.qkv, "qkv", ws, bs)], dim=-1)
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn_sparsity=None) -> Tensor:
+def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
+    """The SwiGLU MLP under a projection-sparsity method. x: (B, S, dim)."""
+    m, st = mlp.method, mlp.stats
+    if m in ("teal", "scap"):
+        # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
+        g = sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)
+        u = sparse_linear(x, ffn.up, mlp.up, st, "up", dense_rows)
+        return sparse_linear(F.silu(g) * u, ffn.down, mlp.down, st, "down", dense_rows)
+    if m == "cats":
+        # CATS sec. 3 (eq. 3): keep i where |SiLU(g_i)| > t; gate stays dense, up rows and
+        # down columns of dropped neurons are skipped.
+        a = F.silu(ffn.gate(x))
+        keep = a.abs() > mlp.threshold.to(a.dtype)
+        keep = keep if dense_rows is None else keep | dense_rows[:, None]
+        s = a * keep * ffn.up(x)
+    elif m == "m-countdown":
+        # COUNTDOWN sec. 4.2 (M-COUNTDOWN): u dense, keep i where |u_i| > t; gate rows and
+        # down columns of dropped i are skipped.
+        u = ffn.up(x)
+        keep = u.abs() > mlp.threshold.to(u.dtype)
+        keep = keep if dense_rows is None else keep | dense_rows[:, None]
+        s = F.silu(ffn.gate(x)) * u * keep
+    elif m == "d-countdown-oracle":
+        # COUNTDOWN sec. 4.1 (D-COUNTDOWN, ideal): per token keep the top (1 - ratio) of |s|.
+        s = F.silu(ffn.gate(x)) * ffn.up(x)
+        keep = topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
+        keep = keep if dense_rows is None else keep | dense_rows[:, None]
+        s = s * keep
+    elif m == "d-countdown":
+        # COUNTDOWN sec. 4.1 (practical): a low-rank predictor on x picks the kept
+        # coefficients before any projection; gate/up rows and down columns are skipped.
+        logits = (x @ mlp.predictor_v.to(x.dtype)) @ mlp.predictor_u.to(x.dtype).T + mlp.predictor_b.to(x.dtype)
+        keep = logits > 0
+        keep = keep if dense_rows is None else keep | dense_rows[:, None]
+        s = F.silu(ffn.gate(x)) * ffn.up(x) * keep
+    else:
+        raise ValueError(f"unknown MLP sparsity method {m!r}")
+    _record(st, "mlp_coeff", keep, dense_rows)
+    return ffn.down(s)
+
+
+def topk_mask(a: Tensor, k: int) -> Tensor:
+    """bool mask of the k largest entries of the last dim (k may be 0 or all)."""
+    if k <= 0:
+        return torch.zeros_like(a, dtype=torch.bool)
+    if k >= a.shape[-1]:
+        return torch.ones_like(a, dtype=torch.bool)
+    idx = a.topk(k, dim=-1).indices
+    return torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+# ----------------------------------------------------------------------------- attention
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn=None, dense_rows=None) -> Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
-    q: (B, H, S, D); k, v: (B, Hkv, L, D); mask: bool (1, 1, S, L) or None for causal
+    q: (B, H, S, D); k, v: (B, Hkv, L, D); mask: bool (1, 1, S, L), or None for causal
     over S == L. Returns (B, H, S, D).
     """
-    if attn_sparsity is None or attn_sparsity.scores is None:
+    if attn is None or attn.scores is None:
         return dense_attention(q, k, v, mask)
-    raise NotImplementedError("sparse sites arrive with the sparsity-methods issue")
+    return thresholded_attention(q, k, v, mask, attn.scores, attn.stats, dense_rows)
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
@@ -54,5 +223,274 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     return y.view(B, H, S, D)
 
 
-def sparse_mlp(x: Tensor, ffn, mlp_sparsity) -> Tensor:
-    raise NotImplementedError("sparse sites arrive with the sparsity-methods issue")
+def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_rows=None):
+    """Top-Theta (arXiv 2502.08363, sec. 3-4) and top-k attention, reference.
+
+    Row r sees n_r keys. Rows with n_r <= sc.k stay dense. Otherwise a score a_{r,j} is
+    kept if a_{r,j} > theta[h, n_r] (top-theta; nearest calibrated n beyond the table)
+    or if it is among the k largest (top-k). pre: on scaled masked scores, dropped -> -inf,
+    with optional SDC; post: on probabilities, dropped -> 0. VMC adds (1 - kept mass) * mean(V).
+    """
+    B, H, S, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    kf = k.repeat_interleave(rep, dim=1).float()  # (B, H, L, D)
+    vf = v.repeat_interleave(rep, dim=1).float()
+    if mask is None:
+        mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril(L - S)[None, None]
+    a = (q.float() @ kf.transpose(-1, -2)) / math.sqrt(D)  # (B, H, S, L)
+    a = a.masked_fill(~mask, -math.inf)
+    n = mask.sum(-1).expand(B, H, S)  # visible keys per row
+    scores_for_threshold = a if sc.placement == "pre" else torch.softmax(a, dim=-1)
+    if sc.collect is not None:  # calibration: the k-th largest per row, per (head, n)
+        _collect_kth(scores_for_threshold, n, sc)
+    if sc.method == "top-k":
+        keep = topk_mask(scores_for_threshold, sc.k)
+    else:
+        table = sc.thresholds.to(a.device)  # (H, N)
+        idx = (n - 1).clamp(max=table.shape[1] - 1)
+        theta = torch.gather(table[None, :, None, :].expand(B, H, S, -1), -1, idx[..., None]).squeeze(-1)
+        # A row whose every score falls below theta would have no softmax mass: keep its max.
+        keep = (scores_for_threshold > theta[..., None]) | (a == a.amax(-1, keepdim=True))
+    keep = keep & mask
+    dense_row = n <= sc.k
+    if dense_rows is not None:
+        dense_row = dense_row | dense_rows[None, None, :]
+    keep = keep | (dense_row[..., None] & mask)
+    if stats is not None:
+        sparse = ~dense_row
+        entry = stats.setdefault("scores", [0, 0])
+        entry[0] += int(((~keep) & mask)[sparse].sum())
+        entry[1] += int(mask.expand(B, H, S, L)[sparse].sum())
+    row_max = a.amax(-1, keepdim=True)
+    e = torch.exp(a - row_max)  # masked -> 0
+    if sc.placement == "pre":
+        kept_e = e * keep
+        denom = kept_e.sum(-1, keepdim=True)
+        if sc.sdc == "exact":  # add the exact mass of the dropped scores
+            denom = denom + (e * (~keep & mask)).sum(-1, keepdim=True)
+        elif sc.sdc == "theta":  # each dropped score counted as exp(theta - M)
+            n_drop = (~keep & mask).sum(-1, keepdim=True)
+            denom = denom + n_drop * torch.exp(theta[..., None] - row_max).nan_to_num(0.0)
+        p = kept_e / denom
+    else:
+        p = (e / e.sum(-1, keepdim=True)) * keep
+    y = p @ vf
+    if sc.vmc:  # causal mean of all visible V rows, weighted by the missing probability mass
+        v_mean = (mask.float() @ vf) / n[..., None]
+        y = y + (1 - p.sum(-1, keepdim=True)) * v_mean
+    return y.to(q.dtype)
+
+
+def _collect_kth(scores, n, sc: AttentionScores):
+    """Record, per (head, visible length n > k), the k-th largest score of each row."""
+    B, H, S, L = scores.shape
+    if L < sc.k:
+        return
+    kth = scores.topk(sc.k, dim=-1).values[..., -1]  # (B, H, S)
+    for s in range(S):
+        n_s = int(n[0, 0, s])
+        if n_s > sc.k:
+            sc.collect.setdefault(n_s, []).append(kth[:, :, s].reshape(-1, H).cpu())
+
+
+# ----------------------------------------------------------------------------- applying a config
+@dataclass
+class SparsityConfig:
+    """What calibrate.py writes and generate.py / eval.py load."""
+    header: dict
+    tensors: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> str:
+        return self.header["tokens"]
+
+    def dense_prefix(self, context_len: int) -> int:
+        """Rows before this position run dense: the prompt/context under `decode`."""
+        return context_len if self.tokens == "decode" else 0
+
+
+def fingerprint(model) -> dict:
+    c = model.config
+    return dict(architecture=c.architecture, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
+                n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
+                vocab_size=c.vocab_size, weights=weights_hash(model))
+
+
+def weights_hash(model) -> str:
+    """A cheap content hash: a strided sample of every layer's MLP down weight."""
+    import hashlib
+    h = hashlib.sha1()
+    for layer in model.layers:
+        w = layer.feed_forward.down.weight.detach()
+        h.update(w.flatten()[:: max(1, w.numel() // 4096)].float().cpu().numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_sparsity_value(s, what="sparsity"):
+    if not (0.0 <= float(s) < 1.0):
+        raise ValueError(f"{what} {s} is outside [0, 1); pass a fraction such as 0.5")
+
+
+def save_config(path, cfg: SparsityConfig):
+    """Atomic: write a temp file next to `path`, then rename."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in cfg.tensors.items()}
+        if not tensors:
+            tensors = {"_empty": torch.zeros(1)}
+        save_file(tensors, tmp, metadata={"config": json.dumps(dict(cfg.header, format=FORMAT))})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_config(path) -> SparsityConfig:
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sparsity config {path} not found; make one with calibrate.py")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+        header = json.loads(meta["config"])
+    except Exception as e:
+        raise ValueError(f"sparsity config {path} is corrupt or not a sparsity config ({type(e).__name__}); "
+                         "re-run calibrate.py") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"sparsity config {path} has format {header.get('format')!r}, expected {FORMAT!r}")
+    return SparsityConfig(header, tensors)
+
+
+def apply(model, cfg: Optional[SparsityConfig]):
+    """Attach per-layer sparsity configs to the model (None removes them: dense again)."""
+    for layer in model.layers:
+        layer.attention.sparsity = None
+        layer.feed_forward.sparsity = None
+    if cfg is None:
+        return model
+    h = cfg.header
+    fp = fingerprint(model)
+    if h["model"] != fp:
+        diff = [k for k in fp if h["model"].get(k) != fp[k]]
+        raise ValueError(f"sparsity config was made for another model (differs in {', '.join(diff)}); "
+                         "calibrate it for this checkpoint with calibrate.py")
+    c = model.config
+    device = model.output.weight.device
+    T = {k: v.to(device) for k, v in cfg.tensors.items()}
+    for i, layer in enumerate(model.layers):
+        lh = h["layers"][i]
+        sites = {}
+        for name in LINEAR_SITES:
+            key = f"layers.{i}.{name}.threshold"
+            if key in T:
+                mode = T.get(f"layers.{i}.{name}.mode")
+                sites[name] = LinearSite(T[key], mode)
+        attn = AttentionSparsity(q=sites.get("q"), k=sites.get("k"), v=sites.get("v"), o=sites.get("o"),
+                                 sizes=(c.q_size, c.kv_size, c.kv_size))
+        wq, wk, wv = layer.attention.wqkv.weight.split(attn.sizes)
+        for name, w in (("q", wq), ("k", wk), ("v", wv), ("o", layer.attention.wo.weight)):
+            _fill_shift(sites.get(name), w)
+        if "attention" in lh:
+            a = lh["attention"]
+            attn.scores = AttentionScores(method=a["method"], k=a["k"], placement=a.get("placement", "pre"),
+                                          thresholds=T.get(f"layers.{i}.theta"), sdc=a.get("sdc", "none"),
+                                          vmc=a.get("vmc", False))
+        if attn.qkv is not None or attn.o is not None or attn.scores is not None:
+            layer.attention.sparsity = attn
+        if "mlp" in lh:
+            mh = lh["mlp"]
+            ffn = layer.feed_forward
+            mlp = MLPSparsity(method=mh["method"], gate=sites.get("gate"), up=sites.get("up"),
+                              down=sites.get("down"), threshold=T.get(f"layers.{i}.mlp.threshold"),
+                              ratio=mh.get("ratio"), predictor_v=T.get(f"layers.{i}.predictor.v"),
+                              predictor_u=T.get(f"layers.{i}.predictor.u"),
+                              predictor_b=T.get(f"layers.{i}.predictor.b"))
+            for name in ("gate", "up", "down"):
+                _fill_shift(sites.get(name), getattr(ffn, name).weight)
+            ffn.sparsity = mlp
+    return model
+
+
+def _fill_shift(site, weight):
+    if site is not None and site.mode is not None:
+        site.shift_bias = (weight.float() @ torch.full((weight.shape[1],), float(site.mode),
+                                                       device=weight.device)).float()
+
+
+# ----------------------------------------------------------------------------- measuring
+def start_recording(model):
+    for layer in model.layers:
+        for mod in (layer.attention, layer.feed_forward):
+            if mod.sparsity is not None:
+                mod.sparsity.stats = {}
+
+
+def stop_recording(model) -> dict:
+    """{layer: {site: measured sparsity}} over the rows recorded since start_recording."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for mod in (layer.attention, layer.feed_forward):
+            if mod.sparsity is not None and mod.sparsity.stats is not None:
+                for site, (z, t) in mod.sparsity.stats.items():
+                    out.setdefault(i, {})[site] = z / t if t else float("nan")
+                mod.sparsity.stats = None
+    return out
+
+
+def projection_bytes(model) -> dict:
+    """Bytes of each projection weight of one layer: q, k, v, o, gate, up, down."""
+    c = model.config
+    b = model.output.weight.element_size()
+    return dict(q=c.q_size * c.dim * b, k=c.kv_size * c.dim * b, v=c.kv_size * c.dim * b,
+                o=c.dim * c.q_size * b, gate=c.intermediate_size * c.dim * b,
+                up=c.intermediate_size * c.dim * b, down=c.dim * c.intermediate_size * b)
+
+
+def skipped_fractions(method: str, site_sparsity: dict) -> dict:
+    """Fraction of each projection's weight a decode step does not read, given the
+    measured sparsity of the method's sites (input sites q..down, or `mlp_coeff`)."""
+    f = {name: site_sparsity.get(name, 0.0) for name in ("q", "k", "v", "o")}
+    s = site_sparsity.get("mlp_coeff", 0.0)
+    if method in ("teal", "scap") or method is None:
+        f.update({n: site_sparsity.get(n, 0.0) for n in ("gate", "up", "down")})
+    elif method == "cats":  # gate dense; up rows and down columns skipped
+        f.update(gate=0.0, up=s, down=s)
+    elif method == "m-countdown":  # up dense; gate rows and down columns skipped
+        f.update(gate=s, up=0.0, down=s)
+    elif method == "d-countdown-oracle":  # gate and up computed densely to rank |s|
+        f.update(gate=0.0, up=0.0, down=s)
+    elif method == "d-countdown":  # predictor decides first: gate, up, down all skipped
+        f.update(gate=s, up=s, down=s)
+    return f
+
+
+def effective_sparsity(model, measured: dict, method: Optional[str]) -> float:
+    """Fraction of the blocks' projection-weight bytes (q, k, v, o, gate, up, down of every
+    layer) one decode step need not read, from measured per-layer site sparsities.
+    A D-COUNTDOWN predictor's own bytes count as extra reads."""
+    pb = projection_bytes(model)
+    total = sum(pb.values()) * len(model.layers)
+    skipped = 0.0
+    for i, layer in enumerate(model.layers):
+        fr = skipped_fractions(method, measured.get(i, {}))
+        skipped += sum(pb[n] * fr[n] for n in pb)
+        mlp = layer.feed_forward.sparsity
+        if mlp is not None and mlp.predictor_v is not None:
+            n = mlp.predictor_v.numel() + mlp.predictor_u.numel() + mlp.predictor_b.numel()
+            skipped -= n * model.output.weight.element_size()
+    return skipped / total
+
+
+def mean_by_site(measured: dict) -> dict:
+    sites = {}
+    for per_layer in measured.values():
+        for site, v in per_layer.items():
+            sites.setdefault(site, []).append(v)
+    return {s: sum(v) / len(v) for s, v in sites.items()}

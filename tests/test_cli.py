@@ -63,3 +63,29 @@ def test_generate_runs_on_embedded_model(smollm2_dir, flags):
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout
     assert "tok/s" in p.stderr and "GB/s" in p.stderr and "peak memory" in p.stderr
+
+
+def test_generate_with_sparsity_reports_measured(smollm2_dir, tmp_path):
+    p = run("calibrate.py", "--checkpoint", str(smollm2_dir), "--method", "cats", "--sparsity", "0.4",
+            "--n-seqs", "2", "--seq-len", "64", "--out", str(tmp_path / "cats.sparsity"))
+    assert p.returncode == 0, p.stderr
+    g = run("generate.py", "--checkpoint", str(smollm2_dir), "--sparsity", str(tmp_path / "cats.sparsity"),
+            "--max-new-tokens", "6", "--no-stop")
+    assert g.returncode == 0, g.stderr
+    assert "measured sparsity over generated tokens (tokens=all): mlp_coeff" in g.stderr
+    assert "effective weight sparsity" in g.stderr
+
+
+def test_sparsity_config_for_another_model(tmp_path):
+    import torch
+    import calibrate
+    import sparsity
+    from model import ModelArgs, Transformer
+    tiny = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16,
+                                 intermediate_size=64, vocab_size=50))
+    cfg = calibrate.calibrate(tiny, torch.randint(0, 50, (2, 16)), method="cats", sparsity=0.5, progress=False)
+    sparsity.save_config(tmp_path / "tiny.sparsity", cfg)
+    p = run("generate.py", "--sparsity", str(tmp_path / "tiny.sparsity"), "--max-new-tokens", "2")
+    assert_one_line_error(p, "made for another model")
+    (tmp_path / "junk.sparsity").write_bytes(b"\x00" * 50)
+    assert_one_line_error(run("generate.py", "--sparsity", str(tmp_path / "junk.sparsity")), "corrupt")
