@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
+
 FORMAT = "activation-sparsity/1"
 PROJ_METHODS = ("teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle")
 ATTN_METHODS = ("top-theta", "top-k")
@@ -54,6 +56,10 @@ class LinearSite:
     threshold: Tensor  # scalar
     mode: Optional[Tensor] = None  # scalar or None (= 0)
     shift_bias: Optional[Tensor] = None  # (out,) fp32, W m; filled by apply()
+    # For kernels.input_sparse_gemv, filled by apply(): per-output-column t and m, block size.
+    t_col: Optional[Tensor] = None
+    m_col: Optional[Tensor] = None
+    block_n: int = 0
 
 
 @dataclass
@@ -77,6 +83,7 @@ class AttentionSparsity:
     o: Optional[LinearSite] = None
     scores: Optional[AttentionScores] = None
     sizes: tuple = ()  # (q_size, kv_size, kv_size): how wqkv's rows split
+    qkv_kernel: Optional[LinearSite] = None  # q, k, v sites merged per column (kernel path)
     stats: Optional[dict] = None  # site -> [zeros, total] while recording
 
     @property
@@ -95,6 +102,7 @@ class MLPSparsity:
     predictor_v: Optional[Tensor] = None  # d-countdown: logit = (x V) U^T + b, V: (dim, r)
     predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
     predictor_b: Optional[Tensor] = None  # b: (d_ff,)
+    down_kernel: Optional[LinearSite] = None  # t = 0 on the down input: skip exact zeros (kernel path)
     stats: Optional[dict] = None
 
 
@@ -126,6 +134,8 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
         return linear(x) if linear is not None else F.linear(x, weight, bias)
     weight = linear.weight if linear is not None else weight
     bias = linear.bias if linear is not None else bias
+    if site.t_col is not None and stats is None and kernels.enabled(x) and kernels.is_decode(x):
+        return _kernel_linear(x, weight, bias, site)
     xs, kept = threshold_input(x, site, dense_rows)
     _record(stats, name, kept, dense_rows)
     y = F.linear(xs, weight, bias)
@@ -140,6 +150,8 @@ def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsit
     with its own threshold (TEAL's greedy gives them different sparsities)."""
     if attn is None or attn.qkv is None:
         return wqkv(x)
+    if attn.qkv_kernel is not None and attn.stats is None and kernels.enabled(x) and kernels.is_decode(x):
+        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel)
     ws = wqkv.weight.split(attn.sizes)
     bs = wqkv.bias.split(attn.sizes) if wqkv.bias is not None else (None, None, None)
     return torch.cat([sparse_linear(x, None, site, attn.stats, name, dense_rows, w, b)
@@ -149,6 +161,8 @@ def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsit
 def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
     """The SwiGLU MLP under a projection-sparsity method. x: (B, S, dim)."""
     m, st = mlp.method, mlp.stats
+    if mlp.down_kernel is not None and st is None and kernels.enabled(x) and kernels.is_decode(x):
+        return _kernel_mlp(x, ffn, mlp)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
         g = sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)
@@ -185,6 +199,39 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
         raise ValueError(f"unknown MLP sparsity method {m!r}")
     _record(st, "mlp_coeff", keep, dense_rows)
     return ffn.down(s)
+
+
+def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite) -> Tensor:
+    """Decode step on GPU: the thresholded input-sparse GEMV (weights stored input-major)."""
+    B, S, K = x.shape
+    y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype).view(B, 1, -1)
+
+
+def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
+    """Decode step on GPU for the neuron-selecting methods: the kept rows of gate/up are
+    computed (kernels.gated_rows, fused with SiLU and the product), then the down
+    projection reads only the columns of non-zero coefficients."""
+    B, S, K = x.shape
+    x2 = x.view(B, K)
+    m = mlp.method
+    if m == "cats":
+        s = kernels.gated_rows(x2, ffn.up.weight, None, ffn.gate(x2), float(mlp.threshold), 0)
+    elif m == "m-countdown":
+        s = kernels.gated_rows(x2, ffn.gate.weight, None, ffn.up(x2), float(mlp.threshold), 1)
+    elif m == "d-countdown":
+        logits = (x2 @ mlp.predictor_v.to(x.dtype)) @ mlp.predictor_u.to(x.dtype).T + mlp.predictor_b.to(x.dtype)
+        s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, logits, 0.0, 2)
+    elif m == "d-countdown-oracle":
+        s = F.silu(ffn.gate(x2)) * ffn.up(x2)
+        s = s * topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
+    else:
+        raise ValueError(f"no fused MLP kernel path for {m!r}")
+    d = mlp.down_kernel
+    y = kernels.input_sparse_gemv(s, ffn.down.weight.t(), d.t_col, None, None, d.block_n)
+    return y.to(x.dtype).view(B, 1, -1)
 
 
 def topk_mask(a: Tensor, k: int) -> Tensor:
@@ -415,7 +462,56 @@ def apply(model, cfg: Optional[SparsityConfig]):
             for name in ("gate", "up", "down"):
                 _fill_shift(sites.get(name), getattr(ffn, name).weight)
             ffn.sparsity = mlp
+        prepare_kernels(layer, c)
     return model
+
+
+def prepare_kernels(layer, c, force=False):
+    """Per-column thresholds and input-major weight layout for the GPU decode kernels.
+    Only on CUDA (or force, for tests under the interpreter): the CPU path is the
+    reference and keeps nn.Linear's layout."""
+    attn, mlp = layer.attention.sparsity, layer.feed_forward.sparsity
+    if not (force or layer.attention.wqkv.weight.is_cuda):
+        return
+    if attn is not None:
+        if attn.qkv is not None:
+            sites = attn.qkv
+            dev = layer.attention.wqkv.weight.device
+            cols = lambda f, default: torch.cat([  # noqa: E731
+                torch.full((n,), float(f(s)) if s is not None else default, device=dev)
+                for s, n in zip(sites, attn.sizes)])
+            has_mode = any(s is not None and s.mode is not None for s in sites)
+            shift = None
+            if any(s is not None and s.shift_bias is not None for s in sites):
+                shift = torch.cat([s.shift_bias if (s is not None and s.shift_bias is not None)
+                                   else torch.zeros(n, device=dev) for s, n in zip(sites, attn.sizes)])
+            attn.qkv_kernel = LinearSite(torch.tensor(0.0), shift_bias=shift,
+                                         t_col=cols(lambda s: s.threshold, -1.0),
+                                         m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0)
+                                         if has_mode else None,
+                                         block_n=kernels.block_n_for(attn.sizes))
+            kernels.make_input_major(layer.attention.wqkv)
+        if attn.o is not None:
+            _prepare_site(attn.o, layer.attention.wo)
+    if mlp is not None:
+        ffn = layer.feed_forward
+        if mlp.method in ("teal", "scap"):  # each projection dispatches in sparse_linear
+            for name in ("gate", "up", "down"):
+                if getattr(mlp, name) is not None:
+                    _prepare_site(getattr(mlp, name), getattr(ffn, name))
+        else:
+            mlp.down_kernel = LinearSite(torch.tensor(0.0), t_col=torch.zeros(c.dim, device=ffn.down.weight.device),
+                                         block_n=kernels.block_n_for([c.dim]))
+            kernels.make_input_major(ffn.down)
+
+
+def _prepare_site(site: LinearSite, linear):
+    n = linear.weight.shape[0]
+    dev = linear.weight.device
+    site.t_col = torch.full((n,), float(site.threshold), device=dev)
+    site.m_col = torch.full((n,), float(site.mode), device=dev) if site.mode is not None else None
+    site.block_n = kernels.block_n_for([n])
+    kernels.make_input_major(linear)
 
 
 def _fill_shift(site, weight):

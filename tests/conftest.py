@@ -1,9 +1,15 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
+import torch  # noqa: E402
+
+# Without a GPU, kernels run on the CPU through Triton's interpreter (set before kernels.py is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

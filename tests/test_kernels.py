@@ -1,0 +1,136 @@
+"""Every Triton kernel equals its PyTorch reference (run under TRITON_INTERPRET=1 on CPU):
+fresh random inputs, poisoned outputs, odd shapes, batch 1 and 4, sparsity 0 .. 1."""
+import pytest
+import torch
+
+import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def thresholds_for(x, sparsity, mode=0.0):
+    """The sparsity-quantile of |x - mode| (sparsity 1.0: above every value)."""
+    c = (x.float() - mode).abs().flatten()
+    if sparsity >= 1.0:
+        return float(c.max()) + 1.0
+    if sparsity <= 0.0:
+        return -1.0
+    s = c.sort().values
+    i = int(sparsity * (c.numel() - 1))
+    return float(s[i] + s[i + 1]) / 2  # between two values: no tie for rounding to flip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_input_sparse_gemv(dtype, B, sparsity):
+    K, N = 200, 96  # K not a multiple of BLOCK_K; N split into two "projections" of 64 and 32
+    x = torch.randn(B, K, device=DEVICE).to(dtype)
+    wt = torch.randn(K, N, device=DEVICE).to(dtype)
+    t = torch.empty(N, device=DEVICE)
+    t[:64] = thresholds_for(x, sparsity)
+    t[64:] = thresholds_for(x, min(1.0, sparsity + 0.05))  # a second projection, other threshold
+    block_n = kernels.block_n_for([64, 32])
+    y = kernels.input_sparse_gemv(x, wt, t, None, None, block_n)
+    ref = kernels.input_sparse_gemv_ref(x, wt, t)
+    if sparsity == 1.0:
+        assert torch.equal(y, torch.zeros_like(y))
+    else:
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_input_sparse_gemv_mode_shift(B):
+    """SCAP: centred thresholding plus the precomputed W m; t = 0 (keep all but exact ties)
+    reproduces the dense product."""
+    K, N = 130, 48
+    x = torch.randn(B, K, device=DEVICE) * 0.5 - 0.7
+    wt = torch.randn(K, N, device=DEVICE)
+    m = torch.full((N,), -0.7, device=DEVICE)
+    shift = (torch.full((K,), -0.7, device=DEVICE) @ wt)
+    for sparsity in (0.0, 0.6):
+        t = torch.full((N,), thresholds_for(x, sparsity, -0.7), device=DEVICE)
+        y = kernels.input_sparse_gemv(x, wt, t, m, shift, kernels.block_n_for([N]))
+        assert rel_err(y, kernels.input_sparse_gemv_ref(x, wt, t, m, shift)) < 1e-4
+        if sparsity == 0.0:
+            assert rel_err(y, x @ wt) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_gated_rows(dtype, B, mode, sparsity):
+    K, N = 150, 77  # odd shapes
+    x = torch.randn(B, K, device=DEVICE).to(dtype)
+    w1 = torch.randn(N, K, device=DEVICE).to(dtype)
+    w2 = torch.randn(N, K, device=DEVICE).to(dtype)
+    p = torch.randn(B, N, device=DEVICE).to(dtype)
+    if mode == 0:
+        t = thresholds_for(torch.nn.functional.silu(p.float()), sparsity)
+    elif mode == 1:
+        t = thresholds_for(p, sparsity)
+    else:
+        t = 0.0
+        p = p.float() - thresholds_for(p, sparsity) if sparsity < 1.0 else -p.float().abs() - 1
+        p = p.to(dtype)
+    y = kernels.gated_rows(x, w1, w2 if mode == 2 else None, p, t, mode)
+    ref = kernels.gated_rows_ref(x, w1, w2 if mode == 2 else None, p, t, mode)
+    assert not torch.isnan(y).any()
+    if sparsity == 1.0:
+        assert torch.equal(y, torch.zeros_like(y))
+    else:
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_block_n_for_segments():
+    assert kernels.block_n_for([4096, 1024, 1024]) == 256
+    assert kernels.block_n_for([576, 192, 192]) == 64
+    assert kernels.block_n_for([77]) == 1
+
+
+@pytest.mark.parametrize("method", ["teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_model_decode_kernel_path_equals_reference(method, B):
+    """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model."""
+    import calibrate as cal
+    import sparsity as sp
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                      vocab_size=61, attention_bias=True)
+    model = Transformer(cfg_m).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.2)
+    batches = torch.randint(0, 61, (3, 32))
+    cfg = cal.calibrate(model, batches, method=method, sparsity=0.5, rank=8, progress=False,
+                        scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,down,kde,0.5")
+    sp.apply(model, cfg)
+    x = torch.randn(B, 1, 64)
+    for layer in model.layers:
+        with torch.no_grad():
+            ref_mlp = layer.feed_forward(x)
+            ref_qkv = sp.sparse_qkv(x, layer.attention.wqkv, layer.attention.sparsity)
+        sp.prepare_kernels(layer, cfg_m, force=True)
+        a, f = layer.attention.sparsity, layer.feed_forward.sparsity
+        with torch.no_grad():
+            if method in ("teal", "scap"):
+                got = sp._kernel_linear(x, layer.attention.wqkv.weight, layer.attention.wqkv.bias, a.qkv_kernel)
+                assert rel_err(got, ref_qkv) < 1e-4
+                s = torch.randn(B, 1, 96)
+                assert rel_err(sp._kernel_linear(s, layer.feed_forward.down.weight, None, f.down),
+                               sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
+            else:
+                assert rel_err(sp._kernel_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
+
+
+def dataclass_without_kernel(site):
+    import dataclasses
+    return dataclasses.replace(site, t_col=None)
