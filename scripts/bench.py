@@ -2,6 +2,8 @@
 
     python scripts/bench.py                                   # copy bandwidth + dense decode, Llama-3-8B
     python scripts/bench.py --presets Llama-3-8B Llama-2-7B --new-tokens 128
+    python scripts/bench.py --gemv                            # sparse GEMV vs cuBLAS vs ideal
+    python scripts/bench.py --e2e dense teal50 cats50 ...     # decode tok/s per method, same run
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
@@ -81,26 +83,138 @@ def bench_dense(preset, copy_gbs, new_tokens, compile=True):
     return row
 
 
+def graph_time(fn, reps=20) -> float:
+    """Seconds per call of fn(i) (i rotates input buffers), timed as CUDA-graph replays so
+    launch gaps do not count."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(reps):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+GEMV_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out)
+GEMV_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9]
+
+
+def bench_gemv(copy_gbs, batch=1):
+    import kernels
+    rows = []
+    for K, N in GEMV_SHAPES:
+        n_buf = max(2, int(256e6 // (K * N * 2)))  # rotate > L2 worth of weights
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_buf)]
+        wts = [w.t().contiguous() for w in ws]
+        xs = [torch.randn(batch, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+        t_dense = graph_time(lambda i: torch.nn.functional.linear(xs[i % n_buf], ws[i % n_buf]))
+        block_n = kernels.block_n_for([N])
+        for s in GEMV_SPARSITIES:
+            a = torch.cat([x.float().abs().flatten() for x in xs]).sort().values
+            thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
+            t_col = torch.full((N,), thr, device="cuda")
+            t_sp = graph_time(lambda i: kernels.input_sparse_gemv(xs[i % n_buf], wts[i % n_buf], t_col, None,
+                                                                  None, block_n))
+            ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
+            rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_dense=t_dense * 1e6,
+                             us_ideal=ideal * 1e6, speedup=t_dense / t_sp, vs_ideal=t_sp / ideal))
+            r = rows[-1]
+            print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  cuBLAS "
+                  f"{r['us_dense']:7.1f} us  ideal {r['us_ideal']:7.1f} us  speedup {r['speedup']:.2f}x  "
+                  f"time/ideal {r['vs_ideal']:.2f}", flush=True)
+        del ws, wts, xs
+        torch.cuda.empty_cache()
+    return rows
+
+
+E2E = {  # name -> calibrate() keyword arguments (paper operating points)
+    "teal25": dict(method="teal", sparsity=0.25), "teal40": dict(method="teal", sparsity=0.4),
+    "teal50": dict(method="teal", sparsity=0.5), "cats50": dict(method="cats", sparsity=0.5),
+    "scap": dict(method="scap", scap="up,zero,0.35,gate,zero,0.35,down,zero,0.55"),
+    "m-countdown70": dict(method="m-countdown", sparsity=0.7),
+    "d-countdown70": dict(method="d-countdown", sparsity=0.7, rank=512),
+    "d-countdown-oracle70": dict(method="d-countdown-oracle", sparsity=0.7),
+}
+
+
+def bench_e2e(preset, names, copy_gbs, new_tokens):
+    import calibrate as cal
+    import sparsity as sp
+    torch.manual_seed(0)
+    model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
+    step_bytes = gen.decode_step_bytes(model)
+    batches = torch.randint(0, model.config.vocab_size, (2, 64))
+    rows, dense_tok_s = [], None
+    for name in names:
+        t0 = time.perf_counter()
+        if name == "dense":
+            sp.apply(model, None)
+            eff = 0.0
+        else:
+            cfg = cal.calibrate(model, batches, progress=False, **E2E[name])
+            eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"])
+            sp.apply(model, cfg)
+        t_cal = time.perf_counter() - t0
+        torch._dynamo.reset()
+        step = torch.compile(EAGER_STEP, mode="reduce-overhead", fullgraph=True)
+        s_per_tok = time_decode(model, new_tokens=new_tokens, compiled_step=step)
+        tok_s = 1 / s_per_tok
+        dense_tok_s = dense_tok_s or (tok_s if name == "dense" else None)
+        rows.append(dict(preset=preset, method=name, tok_s=tok_s, effective_sparsity=eff,
+                         speedup_vs_dense=tok_s / dense_tok_s if dense_tok_s else float("nan"),
+                         dense_gb_s_equiv=step_bytes * tok_s / 1e9, calibrate_s=t_cal))
+        r = rows[-1]
+        print(f"e2e {preset} {name:>20}: {tok_s:7.1f} tok/s  speedup vs dense {r['speedup_vs_dense']:.2f}x  "
+              f"effective sparsity {eff:.3f}  (dense-equivalent {r['dense_gb_s_equiv']:.0f} GB/s, "
+              f"copy {copy_gbs:.0f} GB/s)", flush=True)
+    sp.apply(model, None)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["Llama-3-8B"])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
+    ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense {' '.join(E2E)}")
+    ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     setup_inductor()
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device: {name}, torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    rows = []
-    for p in a.presets:
+    rows, gemv, e2e = [], [], []
+    for p in ([] if a.skip_dense else a.presets):
         r = bench_dense(p, copy_gbs, a.new_tokens, compile=not a.no_compile)
         rows.append(r)
         print(f"{p:>14}: {r['tok_s']:7.1f} tok/s  {r['gb_s']:7.0f} GB/s  step {r['step_gb']:.2f} GB  "
               f"limit {r['ideal_tok_s']:6.1f} tok/s  achieved/copy = {r['ratio_to_copy']:.3f}", flush=True)
+    if a.gemv:
+        for b in a.gemv_batch:
+            gemv += bench_gemv(copy_gbs, b)
+    if a.e2e:
+        for p in a.presets:
+            e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(device=name, copy_gb_s=copy_gbs, dense=rows), indent=2))
+        Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs,
+                                                dense=rows, gemv=gemv, e2e=e2e), indent=2))
 
 
 if __name__ == "__main__":
