@@ -119,8 +119,8 @@ if triton is not None:
                 acc += tl.sum(xs[:, :, None] * w[None, :, :], axis=1)
         ptrs = Y + offs_b[:, None] * stride_yb + offs_n[None, :]
         out_mask = b_ok[:, None] & n_ok[None, :]
-        if USE_ATOMIC:
-            tl.atomic_add(ptrs, acc, mask=out_mask)
+        if USE_ATOMIC:  # relaxed: partial sums need no ordering, only atomicity
+            tl.atomic_add(ptrs, acc, mask=out_mask, sem="relaxed")
         else:
             acc += tl.load(ptrs, mask=out_mask, other=0.0)
             tl.store(ptrs, acc, mask=out_mask)
@@ -176,16 +176,22 @@ def _num_sms(device) -> int:
     return 4
 
 
-def gemv_launch_config(B: int, K: int, N: int, block_n: int, device) -> dict:
-    """Split K so that about 4 programs per SM run; a fixed choice per shape (no per-token
-    tuning). block_n must keep thresholds uniform within a block (see _block_n)."""
+GEMV_TUNING = dict(block_k=64, programs_per_sm=16, num_warps=4)  # see BENCHMARKS.md for the sweep
+
+
+def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
+    """Split K so that about `programs_per_sm` programs per SM are in flight: a fixed choice
+    per shape (no per-token tuning). block_n must keep thresholds uniform within a block
+    (see block_n_for)."""
+    tn = dict(GEMV_TUNING, **(tuning or {}))
     b_pad = triton.next_power_of_2(B)
-    block_k = 32 if b_pad == 1 else max(4, 32 // b_pad)
+    block_k = max(4, tn["block_k"] // b_pad) if b_pad > 1 else tn["block_k"]
     n_blocks = triton.cdiv(N, block_n)
-    split = max(1, min(triton.cdiv(K, block_k), (4 * _num_sms(device)) // n_blocks))
+    split = max(1, min(triton.cdiv(K, block_k), (tn["programs_per_sm"] * _num_sms(device)) // n_blocks))
     k_per_prog = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_prog)
-    return dict(B_PAD=b_pad, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split)
+    return dict(B_PAD=b_pad, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split,
+                num_warps=tn["num_warps"])
 
 
 def block_n_for(segments, cap=256) -> int:
@@ -218,7 +224,7 @@ if triton is not None:
         grid = (triton.cdiv(N, block_n), split)
         _input_sparse_gemv_kernel[grid](x, wt, t, m if m is not None else t, y, B, K, N, x.stride(0),
                                         wt.stride(0), y.stride(0), HAS_MODE=m is not None,
-                                        USE_ATOMIC=split > 1, num_warps=4, **cfg)
+                                        USE_ATOMIC=split > 1, **cfg)
         return y
 
     @input_sparse_gemv.register_fake

@@ -110,22 +110,67 @@ GEMV_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008
 GEMV_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9]
 
 
-def bench_gemv(copy_gbs, batch=1):
+def sweep_gemv(copy_gbs):
+    """Try launch configurations of input_sparse_gemv on the Llama-3-8B shapes."""
     import kernels
-    rows = []
-    for K, N in GEMV_SHAPES:
+    best = None
+    for block_k in (32, 64, 128):
+        for pps in (4, 8, 16, 32):
+            for warps in (4, 8):
+                tn = dict(block_k=block_k, programs_per_sm=pps, num_warps=warps)
+                total = 0.0
+                for K, N in GEMV_SHAPES[:3]:
+                    for s in (0.0, 0.5):
+                        total += _time_sparse(K, N, s, 1, copy_gbs, tn)
+                print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
+                if best is None or total < best[0]:
+                    best = (total, tn)
+    print(f"best launch configuration: {best[1]}", flush=True)
+    kernels.GEMV_TUNING.update(best[1])
+    return best[1]
+
+
+_GEMV_BUFS = {}
+
+
+def _gemv_buffers(K, N, batch):
+    key = (K, N, batch)
+    if key not in _GEMV_BUFS:
+        _GEMV_BUFS.clear()
+        torch.cuda.empty_cache()
         n_buf = max(2, int(256e6 // (K * N * 2)))  # rotate > L2 worth of weights
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_buf)]
         wts = [w.t().contiguous() for w in ws]
         xs = [torch.randn(batch, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
-        t_dense = graph_time(lambda i: torch.nn.functional.linear(xs[i % n_buf], ws[i % n_buf]))
-        block_n = kernels.block_n_for([N])
+        a = torch.cat([x.float().abs().flatten() for x in xs]).sort().values
+        _GEMV_BUFS[key] = (ws, wts, xs, a)
+    return _GEMV_BUFS[key]
+
+
+def _time_sparse(K, N, s, batch, copy_gbs, tuning=None):
+    import kernels
+    ws, wts, xs, a = _gemv_buffers(K, N, batch)
+    n = len(ws)
+    thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
+    t_col = torch.full((N,), thr, device="cuda")
+    block_n = kernels.block_n_for([N])
+    old = dict(kernels.GEMV_TUNING)
+    kernels.GEMV_TUNING.update(tuning or {})
+    try:
+        return graph_time(lambda i: kernels.input_sparse_gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
+    finally:
+        kernels.GEMV_TUNING.clear()
+        kernels.GEMV_TUNING.update(old)
+
+
+def bench_gemv(copy_gbs, batch=1):
+    rows = []
+    for K, N in GEMV_SHAPES:
+        ws, _, xs, _ = _gemv_buffers(K, N, batch)
+        n = len(ws)
+        t_dense = graph_time(lambda i: torch.nn.functional.linear(xs[i % n], ws[i % n]))
         for s in GEMV_SPARSITIES:
-            a = torch.cat([x.float().abs().flatten() for x in xs]).sort().values
-            thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
-            t_col = torch.full((N,), thr, device="cuda")
-            t_sp = graph_time(lambda i: kernels.input_sparse_gemv(xs[i % n_buf], wts[i % n_buf], t_col, None,
-                                                                  None, block_n))
+            t_sp = _time_sparse(K, N, s, batch, copy_gbs)
             ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
             rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_dense=t_dense * 1e6,
                              us_ideal=ideal * 1e6, speedup=t_dense / t_sp, vs_ideal=t_sp / ideal))
@@ -133,8 +178,6 @@ def bench_gemv(copy_gbs, batch=1):
             print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  cuBLAS "
                   f"{r['us_dense']:7.1f} us  ideal {r['us_ideal']:7.1f} us  speedup {r['speedup']:.2f}x  "
                   f"time/ideal {r['vs_ideal']:.2f}", flush=True)
-        del ws, wts, xs
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -192,6 +235,7 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense {' '.join(E2E)}")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     a = ap.parse_args()
@@ -206,6 +250,7 @@ def main():
         rows.append(r)
         print(f"{p:>14}: {r['tok_s']:7.1f} tok/s  {r['gb_s']:7.0f} GB/s  step {r['step_gb']:.2f} GB  "
               f"limit {r['ideal_tok_s']:6.1f} tok/s  achieved/copy = {r['ratio_to_copy']:.3f}", flush=True)
+    tuning = sweep_gemv(copy_gbs) if a.sweep else None
     if a.gemv:
         for b in a.gemv_batch:
             gemv += bench_gemv(copy_gbs, b)
@@ -213,7 +258,7 @@ def main():
         for p in a.presets:
             e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs,
+        Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning,
                                                 dense=rows, gemv=gemv, e2e=e2e), indent=2))
 
 

@@ -104,16 +104,16 @@ def test_model_decode_kernel_path_equals_reference(method, B):
     torch.manual_seed(0)
     cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
                       vocab_size=61, attention_bias=True)
-    model = Transformer(cfg_m).eval()
+    model = Transformer(cfg_m).eval().to(DEVICE)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0, 0.2)
-    batches = torch.randint(0, 61, (3, 32))
+    batches = torch.randint(0, 61, (3, 32), device=DEVICE)
     cfg = cal.calibrate(model, batches, method=method, sparsity=0.5, rank=8, progress=False,
                         scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,down,kde,0.5")
     sp.apply(model, cfg)
-    x = torch.randn(B, 1, 64)
+    x = torch.randn(B, 1, 64, device=DEVICE)
     for layer in model.layers:
         with torch.no_grad():
             ref_mlp = layer.feed_forward(x)
@@ -124,7 +124,7 @@ def test_model_decode_kernel_path_equals_reference(method, B):
             if method in ("teal", "scap"):
                 got = sp._kernel_linear(x, layer.attention.wqkv.weight, layer.attention.wqkv.bias, a.qkv_kernel)
                 assert rel_err(got, ref_qkv) < 1e-4
-                s = torch.randn(B, 1, 96)
+                s = torch.randn(B, 1, 96, device=DEVICE)
                 assert rel_err(sp._kernel_linear(s, layer.feed_forward.down.weight, None, f.down),
                                sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
             else:
