@@ -176,7 +176,7 @@ def _num_sms(device) -> int:
     return 4
 
 
-GEMV_TUNING = dict(block_k=64, programs_per_sm=16, num_warps=4)  # see BENCHMARKS.md for the sweep
+GEMV_TUNING = dict(block_k=128, block_n=256, programs_per_sm=4, num_warps=4)  # sweep: BENCHMARKS.md
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -194,8 +194,9 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
                 num_warps=tn["num_warps"])
 
 
-def block_n_for(segments, cap=256) -> int:
+def block_n_for(segments, cap=None) -> int:
     """Largest power of two <= cap dividing every segment length (q/k/v sizes)."""
+    cap = cap or GEMV_TUNING["block_n"]
     g = 0
     for s in segments:
         g = math.gcd(g, int(s))

@@ -191,8 +191,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
     elif m == "d-countdown":
         # COUNTDOWN sec. 4.1 (practical): a low-rank predictor on x picks the kept
         # coefficients before any projection; gate/up rows and down columns are skipped.
-        logits = (x @ mlp.predictor_v.to(x.dtype)) @ mlp.predictor_u.to(x.dtype).T + mlp.predictor_b.to(x.dtype)
-        keep = logits > 0
+        keep = predictor_logits(x, mlp) > 0
         keep = keep if dense_rows is None else keep | dense_rows[:, None]
         s = F.silu(ffn.gate(x)) * ffn.up(x) * keep
     else:
@@ -222,8 +221,7 @@ def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
     elif m == "m-countdown":
         s = kernels.gated_rows(x2, ffn.gate.weight, None, ffn.up(x2), float(mlp.threshold), 1)
     elif m == "d-countdown":
-        logits = (x2 @ mlp.predictor_v.to(x.dtype)) @ mlp.predictor_u.to(x.dtype).T + mlp.predictor_b.to(x.dtype)
-        s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, logits, 0.0, 2)
+        s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, predictor_logits(x2, mlp), 0.0, 2)
     elif m == "d-countdown-oracle":
         s = F.silu(ffn.gate(x2)) * ffn.up(x2)
         s = s * topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
@@ -232,6 +230,13 @@ def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
     d = mlp.down_kernel
     y = kernels.input_sparse_gemv(s, ffn.down.weight.t(), d.t_col, None, None, d.block_n)
     return y.to(x.dtype).view(B, 1, -1)
+
+
+def predictor_logits(x: Tensor, mlp: MLPSparsity) -> Tensor:
+    """D-COUNTDOWN's low-rank predictor, logit = (x V) U^T + b, on (tokens, dim) rows."""
+    x2 = x.reshape(-1, x.shape[-1])
+    v, u, b = (t.to(x.dtype) for t in (mlp.predictor_v, mlp.predictor_u, mlp.predictor_b))
+    return ((x2 @ v) @ u.T + b).view(*x.shape[:-1], -1)
 
 
 def topk_mask(a: Tensor, k: int) -> Tensor:

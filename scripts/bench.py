@@ -114,17 +114,18 @@ def sweep_gemv(copy_gbs):
     """Try launch configurations of input_sparse_gemv on the Llama-3-8B shapes."""
     import kernels
     best = None
-    for block_k in (32, 64, 128):
-        for pps in (4, 8, 16, 32):
-            for warps in (4, 8):
-                tn = dict(block_k=block_k, programs_per_sm=pps, num_warps=warps)
-                total = 0.0
-                for K, N in GEMV_SHAPES[:3]:
-                    for s in (0.0, 0.5):
-                        total += _time_sparse(K, N, s, 1, copy_gbs, tn)
-                print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
-                if best is None or total < best[0]:
-                    best = (total, tn)
+    for block_n in (64, 128, 256):
+        for block_k in (128, 256, 512):
+            for pps in (2, 4, 8):
+                for warps in (4, 8):
+                    tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
+                    total = 0.0
+                    for K, N in GEMV_SHAPES[:3]:
+                        for s in (0.0, 0.5, 0.9):
+                            total += _time_sparse(K, N, s, 1, copy_gbs, tn)
+                    print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
+                    if best is None or total < best[0]:
+                        best = (total, tn)
     print(f"best launch configuration: {best[1]}", flush=True)
     kernels.GEMV_TUNING.update(best[1])
     return best[1]
@@ -153,9 +154,9 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None):
     n = len(ws)
     thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
     t_col = torch.full((N,), thr, device="cuda")
-    block_n = kernels.block_n_for([N])
     old = dict(kernels.GEMV_TUNING)
     kernels.GEMV_TUNING.update(tuning or {})
+    block_n = kernels.block_n_for([N])
     try:
         return graph_time(lambda i: kernels.input_sparse_gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
     finally:
