@@ -40,6 +40,8 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU u
     triton = None
 
 MAX_BATCH = 8
+# Triton's CPU interpreter has no bf16 matrix product: there, tl.dot runs in fp32 (same result).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def enabled(x: Tensor) -> bool:
@@ -87,7 +89,8 @@ if triton is not None:
     @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_yb,
                                   K_PER_PROG: tl.constexpr, B_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, USE_ATOMIC: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, USE_ATOMIC: tl.constexpr,
+                                  DOT_FP32: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,11 +115,13 @@ if triton is not None:
             xs = tl.where(keep, x, 0.0)
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_K,): any row of the batch
             w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :],
-                        mask=need[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_K, BLOCK_N)
+                        mask=need[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
             if B_PAD == 1:
-                acc += tl.sum(tl.reshape(xs, (BLOCK_K,))[:, None] * w, axis=0)[None, :]
+                acc += tl.sum(tl.reshape(xs, (BLOCK_K,))[:, None] * w.to(tl.float32), axis=0)[None, :]
+            elif DOT_FP32:  # several rows: tl.dot on 16 rows (padding rows are zero); fp32 weights
+                acc += tl.dot(xs, w.to(tl.float32), input_precision="ieee")
             else:
-                acc += tl.sum(xs[:, :, None] * w[None, :, :], axis=1)
+                acc += tl.dot(xs.to(w.dtype), w)
         ptrs = Y + offs_b[:, None] * stride_yb + offs_n[None, :]
         out_mask = b_ok[:, None] & n_ok[None, :]
         if USE_ATOMIC:  # relaxed: partial sums need no ordering, only atomicity
@@ -176,7 +181,7 @@ def _num_sms(device) -> int:
     return 4
 
 
-GEMV_TUNING = dict(block_k=128, block_n=256, programs_per_sm=4, num_warps=4)  # sweep: BENCHMARKS.md
+GEMV_TUNING = dict(block_k=512, block_n=64, programs_per_sm=8, num_warps=4)  # sweep: BENCHMARKS.md
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -184,8 +189,8 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
     per shape (no per-token tuning). block_n must keep thresholds uniform within a block
     (see block_n_for)."""
     tn = dict(GEMV_TUNING, **(tuning or {}))
-    b_pad = triton.next_power_of_2(B)
-    block_k = max(4, tn["block_k"] // b_pad) if b_pad > 1 else tn["block_k"]
+    b_pad = 1 if B == 1 else 16  # batch > 1: tl.dot on 16 rows (tensor cores)
+    block_k = tn["block_k"] if B == 1 else min(tn["block_k"], 128)
     n_blocks = triton.cdiv(N, block_n)
     split = max(1, min(triton.cdiv(K, block_k), (tn["programs_per_sm"] * _num_sms(device)) // n_blocks))
     k_per_prog = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
@@ -225,7 +230,8 @@ if triton is not None:
         grid = (triton.cdiv(N, block_n), split)
         _input_sparse_gemv_kernel[grid](x, wt, t, m if m is not None else t, y, B, K, N, x.stride(0),
                                         wt.stride(0), y.stride(0), HAS_MODE=m is not None,
-                                        USE_ATOMIC=split > 1, **cfg)
+                                        USE_ATOMIC=split > 1,
+                                        DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg)
         return y
 
     @input_sparse_gemv.register_fake

@@ -89,14 +89,14 @@ def test_gated_rows(dtype, B, mode, sparsity):
 
 
 def test_block_n_for_segments():
-    assert kernels.block_n_for([4096, 1024, 1024]) == 256
-    assert kernels.block_n_for([576, 192, 192]) == 64
+    assert kernels.block_n_for([4096, 1024, 1024], cap=256) == 256
+    assert kernels.block_n_for([576, 192, 192], cap=256) == 64
     assert kernels.block_n_for([77]) == 1
 
 
 @pytest.mark.parametrize("method", ["teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle"])
 @pytest.mark.parametrize("B", [1, 3])
-def test_model_decode_kernel_path_equals_reference(method, B):
+def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
     """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model."""
     import calibrate as cal
     import sparsity as sp
@@ -115,9 +115,11 @@ def test_model_decode_kernel_path_equals_reference(method, B):
     sp.apply(model, cfg)
     x = torch.randn(B, 1, 64, device=DEVICE)
     for layer in model.layers:
+        monkeypatch.setenv("ACTSPARSE_KERNELS", "0")  # the reference path, also on GPU
         with torch.no_grad():
             ref_mlp = layer.feed_forward(x)
             ref_qkv = sp.sparse_qkv(x, layer.attention.wqkv, layer.attention.sparsity)
+        monkeypatch.delenv("ACTSPARSE_KERNELS")
         sp.prepare_kernels(layer, cfg_m, force=True)
         a, f = layer.attention.sparsity, layer.feed_forward.sparsity
         with torch.no_grad():
