@@ -71,27 +71,6 @@ def token_batches(tokenizer, texts, n_seqs: int, seq_len: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- helpers
-class Samples:
-    """A bounded random subsample of a site's values (for quantiles)."""
-
-    def __init__(self, cap=MAX_SAMPLES):
-        self.cap, self.chunks, self.n = cap, [], 0
-
-    def add(self, x: torch.Tensor):
-        x = x.detach().float().flatten()
-        keep = max(1, self.cap // 8)
-        if x.numel() > keep:
-            x = x[torch.randint(0, x.numel(), (keep,), device=x.device)]
-        self.chunks.append(x.cpu())
-        self.n += x.numel()
-
-    def values(self) -> torch.Tensor:
-        v = torch.cat(self.chunks)
-        if v.numel() > self.cap:
-            v = v[torch.randperm(v.numel())[: self.cap]]
-        return v
-
-
 def quantile(v: torch.Tensor, q: float) -> float:
     """The q-quantile (q in [0, 1)) by sorting: threshold t with P(v <= t) ~ q."""
     if q <= 0:
@@ -172,13 +151,13 @@ def estimate_mode(x: torch.Tensor, mode: str, weight: torch.Tensor, target: floa
         return 0.0
     flat = x.flatten().float()
     if mode == "median":
-        return float(flat[torch.randperm(flat.numel())[:MAX_SAMPLES]].median())
+        return float(flat[torch.randperm(flat.numel(), device=flat.device)[:MAX_SAMPLES]].median())
     candidates = []
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
-        sub = flat[torch.randint(0, flat.numel(), (20000,), generator=g)]
+        sub = flat[torch.randint(0, flat.numel(), (20000,), generator=g).to(flat.device)]
         lo, hi = sub.quantile(0.01), sub.quantile(0.99)
-        grid = torch.linspace(float(lo), float(hi), 512)
+        grid = torch.linspace(float(lo), float(hi), 512, device=sub.device)
         bw = 1.06 * float(sub.std()) * sub.numel() ** (-1 / 5)  # Silverman's rule
         dens = torch.exp(-0.5 * ((grid[:, None] - sub[None, :5000]) / bw) ** 2).sum(1)
         candidates.append(float(grid[dens.argmax()]))
@@ -208,13 +187,14 @@ def train_predictor(x, s, ratio, rank, epochs=30, lr=3e-3, seed=0):
     x, s = x.float(), s.float()
     labels = sp.topk_mask(s.abs(), s.shape[-1] - int(round(ratio * s.shape[-1]))).float()
     d, f = x.shape[-1], s.shape[-1]
-    V = torch.nn.Parameter(torch.randn(d, rank) / math.sqrt(d))
-    U = torch.nn.Parameter(torch.randn(f, rank) / math.sqrt(rank))
-    b = torch.nn.Parameter(torch.zeros(f))
+    dev = x.device
+    V = torch.nn.Parameter(torch.randn(d, rank, device=dev) / math.sqrt(d))
+    U = torch.nn.Parameter(torch.randn(f, rank, device=dev) / math.sqrt(rank))
+    b = torch.nn.Parameter(torch.zeros(f, device=dev))
     opt = torch.optim.Adam([V, U, b], lr=lr)
     bs = 1024
     for _ in range(epochs):
-        perm = torch.randperm(x.shape[0])
+        perm = torch.randperm(x.shape[0], device=dev)
         for i in range(0, x.shape[0], bs):
             j = perm[i:i + bs]
             loss = F.binary_cross_entropy_with_logits((x[j] @ V) @ U.T + b, labels[j])
@@ -240,7 +220,8 @@ def teal_greedy(model, layer, h_batches, target, base_step=0.05):
                                              ("inputs", layer.feed_forward, "mlp"),
                                              ("inputs", layer.feed_forward.down, "down")])
     dists = {k: cap.cat(k).abs().flatten() for k in ("attn", "o", "mlp", "down")}
-    dists = {k: v[torch.randperm(v.numel())[:MAX_SAMPLES]].sort().values for k, v in dists.items()}
+    dists = {k: v[torch.randperm(v.numel(), device=v.device)[:MAX_SAMPLES]].sort().values
+             for k, v in dists.items()}
     src = dict(q="attn", k="attn", v="attn", o="o", gate="mlp", up="mlp", down="down")
     pb = sp.projection_bytes(model)
     w = {n: pb[n] / pb["q"] for n in sp.LINEAR_SITES}
