@@ -103,6 +103,7 @@ class MLPSparsity:
     predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
     predictor_b: Optional[Tensor] = None  # b: (d_ff,)
     down_kernel: Optional[LinearSite] = None  # t = 0 on the down input: skip exact zeros (kernel path)
+    kernel_t: float = 0.0  # `threshold` as a Python float for the kernel (no host sync in the graph)
     stats: Optional[dict] = None
 
 
@@ -217,9 +218,9 @@ def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
     x2 = x.view(B, K)
     m = mlp.method
     if m == "cats":
-        s = kernels.gated_rows(x2, ffn.up.weight, None, ffn.gate(x2), float(mlp.threshold), 0)
+        s = kernels.gated_rows(x2, ffn.up.weight, None, ffn.gate(x2), mlp.kernel_t, 0)
     elif m == "m-countdown":
-        s = kernels.gated_rows(x2, ffn.gate.weight, None, ffn.up(x2), float(mlp.threshold), 1)
+        s = kernels.gated_rows(x2, ffn.gate.weight, None, ffn.up(x2), mlp.kernel_t, 1)
     elif m == "d-countdown":
         s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, predictor_logits(x2, mlp), 0.0, 2)
     elif m == "d-countdown-oracle":
@@ -505,6 +506,7 @@ def prepare_kernels(layer, c, force=False):
                 if getattr(mlp, name) is not None:
                     _prepare_site(getattr(mlp, name), getattr(ffn, name))
         else:
+            mlp.kernel_t = float(mlp.threshold) if mlp.threshold is not None else 0.0
             mlp.down_kernel = LinearSite(torch.tensor(0.0), t_col=torch.zeros(c.dim, device=ffn.down.weight.device),
                                          block_n=kernels.block_n_for([c.dim]))
             kernels.make_input_major(ffn.down)
