@@ -45,8 +45,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def enabled(x: Tensor) -> bool:
-    """Use the Triton kernels for this activation? (CUDA, decode shape, not disabled)."""
-    return (triton is not None and x.is_cuda and os.environ.get("ACTSPARSE_KERNELS", "1") != "0")
+    """Use the Triton kernels for this activation? On CUDA unless ACTSPARSE_KERNELS=0;
+    ACTSPARSE_KERNELS=force also on CPU (tests, through the Triton interpreter)."""
+    flag = os.environ.get("ACTSPARSE_KERNELS", "1")
+    return triton is not None and flag != "0" and (x.is_cuda or flag == "force")
 
 
 def is_decode(x: Tensor) -> bool:

@@ -136,3 +136,31 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
 def dataclass_without_kernel(site):
     import dataclasses
     return dataclasses.replace(site, t_col=None)
+
+
+@pytest.mark.parametrize("method", ["teal", "cats", "m-countdown", "d-countdown"])
+def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
+    """generate.py's decode step with the kernel path, under torch.compile(fullgraph=True)
+    (dynamo tracing, eager backend): a graph break is an error."""
+    import calibrate as cal
+    import generate
+    import sparsity as sp
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                      vocab_size=61)
+    model = Transformer(cfg_m).eval().to(DEVICE)
+    cfg = cal.calibrate(model, torch.randint(0, 61, (2, 16), device=DEVICE), method=method, sparsity=0.5,
+                        rank=8, progress=False)
+    sp.apply(model, cfg)
+    for layer in model.layers:
+        sp.prepare_kernels(layer, cfg_m, force=True)
+    monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+    model.setup_caches(max_batch_size=1, max_seq_len=16)
+    step = torch.compile(generate.decode_one_token, backend="eager", fullgraph=True)
+    x, pos = torch.tensor([[3]], device=DEVICE), torch.tensor([4], device=DEVICE)
+    with torch.no_grad():
+        compiled = step(model, x, pos, 0.0, None)
+        monkeypatch.setenv("ACTSPARSE_KERNELS", "0")
+        eager = generate.decode_one_token(model, x, pos, 0.0, None)
+    assert compiled.shape == (1, 1) and compiled.item() == eager.item()
