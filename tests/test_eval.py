@@ -1,0 +1,75 @@
+"""eval.py: our lm-eval wrapper vs lm-eval's own `hf` model, perplexity vs transformers,
+the calibration/evaluation overlap guard and the measured-sparsity report."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import calibrate as cal
+import eval as ev
+import sparsity as sp
+
+
+@pytest.mark.parametrize("task,limit", [("arc_easy", 50), ("hellaswag", 30)])
+def test_wrapper_scores_equal_lm_eval_hf(smollm2, hf_smollm2, task, limit):
+    from lm_eval.models.huggingface import HFLM
+    (model, tok), (hf, hf_tok) = smollm2, hf_smollm2
+    sp.apply(model, None)
+    ours = ev.run_tasks(ev.SparseLM(model, tok), [task], limit=limit)[task]
+    theirs = ev.run_tasks(HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=8), [task], limit=limit)[task]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert abs(ours[metric] - theirs[metric]) <= 1 / limit + 1e-9, (metric, ours, theirs)
+
+
+def test_perplexity_equals_transformers(smollm2, hf_smollm2):
+    (model, tok), (hf, _) = smollm2, hf_smollm2
+    sp.apply(model, None)
+    texts = ev.perplexity_texts()[:20]
+    ours, n = ev.perplexity(model, tok, texts, max_tokens=700, window=256, stride=128)
+    ids = []
+    for t in texts:
+        ids += tok.encode(t, bos=False) + [tok.eos_id]
+    ids = torch.tensor(ids[:700])
+    nll, count, prev = 0.0, 0, 0  # Hugging Face's sliding-window recipe, written out
+    with torch.no_grad():
+        for begin in range(0, len(ids), 128):
+            end = min(begin + 256, len(ids))
+            trg = end - prev
+            chunk = ids[begin:end][None]
+            logits = hf(chunk).logits[0]
+            lp = F.log_softmax(logits[:-1], -1)[-trg:] if trg < chunk.shape[1] else F.log_softmax(logits[:-1], -1)
+            tgt = chunk[0, 1:][-trg:] if trg < chunk.shape[1] else chunk[0, 1:]
+            nll -= float(lp.gather(-1, tgt[:, None]).sum())
+            count += tgt.numel()
+            prev = end
+            if end == len(ids):
+                break
+    assert n == count
+    assert ours == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_calibration_and_evaluation_text_are_disjoint():
+    calib = cal.calibration_texts()
+    ev.check_disjoint(ev.perplexity_texts()[:500], calib)
+    with pytest.raises(ValueError, match="overlap"):
+        ev.check_disjoint([calib[3]], calib)
+
+
+def test_evaluate_reports_measured_and_effective_sparsity(smollm2):
+    model, tok = smollm2
+    batches = cal.token_batches(tok, cal.calibration_texts(), 2, 64)
+    cfg = cal.calibrate(model, batches, method="cats", sparsity=0.5, progress=False)
+    res = ev.evaluate(model, tok, cfg, "all", ppl=True, ppl_tokens=300)
+    assert res["tokens"] == "all" and res["method"] == "cats"
+    assert 0.1 < res["effective_weight_sparsity"] < 0.5  # CATS skips up rows and down columns only
+    assert abs(res["measured_sparsity"]["by_site"]["mlp_coeff"] - 0.5) < 0.1
+    # decode policy: each window's context runs dense, only its new tokens are sparse: a
+    # different number than `all`, and both above dense
+    texts = ev.perplexity_texts()[:10]
+    sp.apply(model, cfg)
+    p_all, _ = ev.perplexity(model, tok, texts, 600, window=256, stride=64, dense_prefix_policy="all")
+    p_dec, _ = ev.perplexity(model, tok, texts, 600, window=256, stride=64, dense_prefix_policy="decode")
+    sp.apply(model, None)
+    p_dense, _ = ev.perplexity(model, tok, texts, 600, window=256, stride=64)
+    assert p_dense < p_all and p_dense < p_dec and p_dec != p_all
