@@ -73,3 +73,22 @@ def test_evaluate_reports_measured_and_effective_sparsity(smollm2):
     sp.apply(model, None)
     p_dense, _ = ev.perplexity(model, tok, texts, 600, window=256, stride=64)
     assert p_dense < p_all and p_dense < p_dec and p_dec != p_all
+
+
+def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
+    from model import ModelArgs, Transformer
+    from scripts.plot import make_plots
+    from scripts.sweep import run_sweep
+    _, tok = smollm2
+    torch.manual_seed(0)
+    tiny = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64,
+                                 vocab_size=49152)).eval()
+    rows = run_sweep(tiny, tok, ["teal", "cats"], [0.3, 0.6], ppl_tokens=200, n_seqs=2, seq_len=32,
+                     out=tmp_path / "sweep")
+    assert [(r["method"], r["level"]) for r in rows] == [("dense", 0.0), ("teal", 0.3), ("teal", 0.6),
+                                                         ("cats", 0.3), ("cats", 0.6)]
+    assert rows[2]["effective_sparsity"] > rows[1]["effective_sparsity"] > 0
+    csv_text = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert csv_text[0].startswith("method,level,tokens,effective_sparsity,perplexity") and len(csv_text) == 6
+    for p in make_plots(tmp_path / "sweep.json", tmp_path / "plots"):
+        assert p.stat().st_size > 1000
