@@ -427,7 +427,7 @@ def main(argv=None):
     ap.add_argument("--sigma", type=float, default=0.1, help="Top-Theta calib_add_sigma")
     ap.add_argument("--sdc", choices=["none", "exact", "theta"], default="none")
     ap.add_argument("--vmc", action="store_true")
-    ap.add_argument("--tokens", choices=["all", "decode"], help="which tokens are sparse at inference")
+    ap.add_argument("--tokens", choices=sp.TOKEN_POLICIES, help="which tokens are sparse at inference")
     ap.add_argument("--n-seqs", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

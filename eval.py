@@ -11,6 +11,7 @@ overlap it. Every run reports the sparsity measured per layer and site and
 the effective weight sparsity, and labels the token policy:
   all    every token sparse (CATS, SCAP evaluate so)
   decode context dense, continuation tokens sparse (COUNTDOWN's harness, TEAL's fast path)
+  last-half  the last half of the context sparse too (TEAL's accuracy path)
 """
 import argparse
 import gzip
@@ -61,7 +62,7 @@ class SparseLM(_lm_base()):
         """pairs: [(ctx_ids, cont_ids)] -> [(sum logprob, is_greedy)]."""
         out = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        bs = 1 if self.tokens == "decode" else self.batch_size  # per-row dense prefix: one at a time
+        bs = self.batch_size if self.tokens == "all" else 1  # per-row dense prefix: one at a time
         for start in tqdm(range(0, len(order), bs), desc="loglikelihood", unit="batch", leave=False,
                           disable=len(order) < 2 * bs):
             idx = order[start:start + bs]
@@ -70,9 +71,8 @@ class SparseLM(_lm_base()):
             ids = torch.zeros(len(seqs), L, dtype=torch.long, device=self.dev)
             for r, s in enumerate(seqs):
                 ids[r, :len(s)] = torch.tensor(s)
-            dense_prefix = 0
-            if self.tokens == "decode":  # the context runs dense, the continuation sparse
-                dense_prefix = len(seqs[0]) - len(pairs[idx[0]][1]) + 1
+            # decode: the context rows run dense, the continuation rows sparse (last-half: half the context)
+            dense_prefix = sp.dense_prefix(self.tokens, len(seqs[0]) - len(pairs[idx[0]][1]) + 1)
             logp = F.log_softmax(self.model(ids, dense_prefix=dense_prefix).float(), dim=-1)
             for r, i in enumerate(idx):
                 cont = pairs[i][1]
@@ -103,7 +103,7 @@ class SparseLM(_lm_base()):
             until = kw.get("until") or []
             ids = self.tok.encode(context, bos=False)[-(self.max_length - 1):]
             budget = min(kw.get("max_gen_toks", 256), self.model.config.max_position_embeddings - len(ids))
-            dense_prefix = len(ids) if self.tokens == "decode" else 0
+            dense_prefix = sp.dense_prefix(self.tokens, len(ids))
             toks = generate(self.model, torch.tensor(ids, device=self.dev), budget,
                             stop_ids=set(self.tok.stop_ids), dense_prefix=dense_prefix)[0, len(ids):].tolist()
             text = self.tok.decode([t for t in toks if t not in self.tok.stop_ids])
@@ -173,7 +173,7 @@ def perplexity(model, tokenizer, texts, max_tokens=20000, window=1024, stride=51
         end = min(begin + window, len(ids))
         n_new = end - prev_end
         chunk = ids[begin:end][None]
-        dense_prefix = (chunk.shape[1] - n_new) if dense_prefix_policy == "decode" else 0
+        dense_prefix = sp.dense_prefix(dense_prefix_policy, chunk.shape[1] - n_new)
         logits = model(chunk, dense_prefix=dense_prefix).float()
         lp = F.log_softmax(logits[0, -n_new - 1:-1] if n_new < chunk.shape[1] else logits[0, :-1], dim=-1)
         targets = chunk[0, -n_new:] if n_new < chunk.shape[1] else chunk[0, 1:]
@@ -226,7 +226,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Offline evaluation: lm-eval tasks and perplexity.")
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
     ap.add_argument("--sparsity", metavar="CONFIG")
-    ap.add_argument("--tokens", choices=["all", "decode"], help="override the config's token policy")
+    ap.add_argument("--tokens", choices=sp.TOKEN_POLICIES, help="override the config's token policy")
     ap.add_argument("--tasks", default="", help=f"comma-separated: {','.join(TASKS)}")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--num-fewshot", type=int)

@@ -14,8 +14,9 @@ Notation for the SwiGLU MLP: g = W_gate x, u = W_up x, s = SiLU(g) * u, y = W_do
 
 Which tokens are sparse is explicit: `dense_rows` (bool, one per query row of
 the current forward) marks rows that stay dense. Config field `tokens` is
-"all" (every token sparse; CATS, SCAP evaluate so) or "decode" (prompt/context
-dense, generated/continuation tokens sparse; TEAL's fast path, COUNTDOWN);
+"all" (every token sparse; CATS, SCAP evaluate so), "decode" (prompt/context
+dense, generated/continuation tokens sparse; TEAL's fast path, COUNTDOWN) or
+"last-half" (TEAL's accuracy path: the last half of the prompt sparse too);
 generate.py and eval.py turn it into `dense_prefix` for Transformer.forward.
 
 This file is the plain-PyTorch reference: masked activations are computed
@@ -359,8 +360,20 @@ class SparsityConfig:
         return self.header["tokens"]
 
     def dense_prefix(self, context_len: int) -> int:
-        """Rows before this position run dense: the prompt/context under `decode`."""
-        return context_len if self.tokens == "decode" else 0
+        return dense_prefix(self.tokens, context_len)
+
+
+TOKEN_POLICIES = ("all", "decode", "last-half")
+
+
+def dense_prefix(tokens: str, context_len: int) -> int:
+    """How many leading prompt/context rows run dense under a token policy:
+    all -> 0; decode -> the whole context (TEAL's fast path, COUNTDOWN's harness);
+    last-half -> the first half (TEAL's accuracy path: the last half of prefill is sparse).
+    Generated / continuation tokens are sparse under every policy."""
+    if tokens not in TOKEN_POLICIES:
+        raise ValueError(f"unknown token policy {tokens!r}; one of {', '.join(TOKEN_POLICIES)}")
+    return {"all": 0, "decode": context_len, "last-half": context_len // 2}[tokens]
 
 
 def fingerprint(model) -> dict:

@@ -132,11 +132,15 @@ def test_teal_attention_sites_match_formula(tiny, tiny_batches):
 
 def test_smollm2_calibration_hits_targets(smollm2, smol_batches):
     model, _ = smollm2
-    for kw, site in ((dict(method="teal", sparsity=0.5), "down"), (dict(method="cats", sparsity=0.5), "mlp_coeff"),
-                     (dict(method="m-countdown", sparsity=0.7), "mlp_coeff")):
+    for kw, site, target in (
+            (dict(method="teal", sparsity=0.5), "down", 0.5), (dict(method="cats", sparsity=0.5), "mlp_coeff", 0.5),
+            (dict(method="m-countdown", sparsity=0.7), "mlp_coeff", 0.7),
+            (dict(method="scap", scap="up,zero,0.35,gate,zero,0.35,down,median,0.55"), "down", 0.55),
+            (dict(method="d-countdown", sparsity=0.7, rank=16), "mlp_coeff", 0.7),
+            (dict(method="d-countdown-oracle", sparsity=0.7), "mlp_coeff", 0.7)):
         cfg = cal.calibrate(model, smol_batches, progress=False, **kw)
         by_site = sp.mean_by_site(cal.measure(model, cfg, smol_batches))
-        assert abs(by_site[site] - kw["sparsity"]) < 0.01, (kw, by_site)
+        assert abs(by_site[site] - target) < 0.01, (kw, by_site)
         layer = model.layers[5]
         sp.apply(model, cfg)
         x = torch.randn(1, 4, model.config.dim)
@@ -149,6 +153,9 @@ def test_smollm2_calibration_hits_targets(smollm2, smol_batches):
 def test_decode_token_policy_keeps_prefix_dense(tiny, tiny_batches):
     cfg = cal.calibrate(tiny, tiny_batches, method="teal", sparsity=0.5, tokens="decode", progress=False)
     assert cfg.tokens == "decode" and cfg.dense_prefix(10) == 10
+    assert sp.dense_prefix("last-half", 10) == 5 and sp.dense_prefix("all", 10) == 0
+    with pytest.raises(ValueError, match="unknown token policy"):
+        sp.dense_prefix("prefill", 10)
     ids = tiny_batches[:1, :20]
     dense = dense_logits(tiny, ids)
     sp.apply(tiny, cfg)
