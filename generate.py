@@ -62,10 +62,12 @@ def decode_one_token(model: Transformer, x, input_pos, temperature, top_k):
     return sample(model(x, input_pos), temperature, top_k)
 
 
-def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback=None, stop_ids=None):
+def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback=None, stop_ids=None, dump=None):
     tokens = []
     for _ in range(n):
         next_token = decode_one_token(model, cur_token, input_pos, temperature, top_k)
+        if dump is not None:
+            dump(model)
         input_pos += 1
         tokens.append(next_token.clone())
         cur_token = next_token.clone()
@@ -79,10 +81,11 @@ def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batch_size: int = 1,
              temperature: float = 0.0, top_k=None, callback=None, stop_ids=None, dense_prefix: int = 0,
-             record_decode: bool = False):
+             record_decode: bool = False, dump=None):
     """prompt: (T,) ids. Returns (batch_size, T + generated) ids, prompt included.
     dense_prefix: prompt positions that skip activation sparsity (T under the `decode` token
-    policy). record_decode: count measured sparsity over the decode steps (sparsity.stop_recording)."""
+    policy). record_decode: count measured sparsity over the decode steps (sparsity.stop_recording).
+    dump: an ActivationDump, called after each decode step (with record_decode)."""
     T = prompt.shape[0]
     max_seq_len = T + max_new_tokens
     limit = model.config.max_position_embeddings
@@ -96,13 +99,15 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, batc
     next_token = prefill(model, x, input_pos, temperature, top_k, dense_prefix)
     if record_decode:
         sparsity.start_recording(model)
+        if dump is not None:
+            sparsity.start_dumping(model)
     if callback is not None:
         callback(next_token)
     input_pos = torch.tensor([T], device=device, dtype=torch.int)
     tokens = [next_token]
     if not (stop_ids is not None and batch_size == 1 and int(next_token) in stop_ids):
         tokens += decode_n_tokens(model, next_token.view(batch_size, -1), input_pos, max_new_tokens - 1,
-                                  temperature, top_k, callback, stop_ids)
+                                  temperature, top_k, callback, stop_ids, dump)
     return torch.cat([x] + tokens, dim=1)
 
 
@@ -174,16 +179,37 @@ def run_generation(args, model, tokenizer, prompt_ids, stream=True):
     cfg = args.sparsity_cfg
     dense_prefix = cfg.dense_prefix(len(prompt_ids)) if cfg is not None else 0
     record = cfg is not None and not args.compile
+    dump = ActivationDump(args.dump_activations, args.dump_tokens) if (record and args.dump_activations
+                                                                        and stream) else None
     synchronize(device)
     t0 = time.perf_counter()
     out = generate(model, prompt, args.max_new_tokens, args.batch_size, args.temperature, args.top_k,
                    callback=streamer if streamer.enabled else None, stop_ids=stop_ids,
-                   dense_prefix=dense_prefix, record_decode=record)
+                   dense_prefix=dense_prefix, record_decode=record, dump=dump)
     synchronize(device)
     dt = time.perf_counter() - t0
     if record and stream:
         report_sparsity(model, cfg, sparsity.stop_recording(model))
     return out, dt, streamer
+
+
+class ActivationDump:
+    """--dump-activations DIR: the sparsified input of every site for the first n decode
+    steps, one safetensors file per token (keys layers.{i}.{site}), written atomically."""
+
+    def __init__(self, out_dir, n):
+        self.dir, self.n, self.i = Path(out_dir), n, 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, model):
+        tensors = sparsity.take_dump(model)
+        if self.i >= self.n or not tensors:
+            return
+        from safetensors.torch import save_file
+        path = self.dir / f"token_{self.i:04d}.safetensors"
+        save_file(tensors, str(path) + ".tmp")
+        Path(str(path) + ".tmp").replace(path)
+        self.i += 1
 
 
 def report_sparsity(model, cfg, measured):
@@ -216,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--no-stop", dest="stop_at_eos", action="store_false",
                     help="generate all --max-new-tokens even past an end-of-sequence token")
     ap.add_argument("--sparsity", metavar="CONFIG", help="activation-sparsity config from calibrate.py")
+    ap.add_argument("--dump-activations", metavar="DIR", help="save sparsified site inputs per decode token")
+    ap.add_argument("--dump-tokens", type=int, default=8, help="how many decode tokens to dump")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -232,6 +260,8 @@ def _main(args):
         raise UserError("--max-new-tokens must be >= 1")
     if args.random_init and args.interactive:
         raise UserError("--interactive needs a real checkpoint, not --random-init")
+    if args.dump_activations and (not args.sparsity or args.compile):
+        raise UserError("--dump-activations needs --sparsity and no --compile (it records in eager mode)")
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer = load(args)

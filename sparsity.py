@@ -109,10 +109,13 @@ class MLPSparsity:
 
 
 # ----------------------------------------------------------------------------- sites
-def _record(stats, name, kept: Tensor, dense_rows):
-    """Count zeros over the sparse rows only. kept: bool (..., S, C)."""
+def _record(stats, name, kept: Tensor, dense_rows, values: Optional[Tensor] = None):
+    """Count zeros over the sparse rows only. kept: bool (..., S, C). With a "_dump" dict in
+    stats (generate.py --dump-activations), also keep the sparsified input of the last row."""
     if stats is None:
         return
+    if values is not None and stats.get("_dump") is not None:
+        stats["_dump"][name] = values[..., -1, :].detach().float().cpu()
     if dense_rows is not None:
         kept = kept[..., ~dense_rows, :]
     entry = stats.setdefault(name, [0, 0])
@@ -139,7 +142,7 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
     if site.t_col is not None and stats is None and kernels.enabled(x) and kernels.is_decode(x):
         return _kernel_linear(x, weight, bias, site)
     xs, kept = threshold_input(x, site, dense_rows)
-    _record(stats, name, kept, dense_rows)
+    _record(stats, name, kept, dense_rows, xs)
     y = F.linear(xs, weight, bias)
     if site.shift_bias is not None:
         y = y + site.shift_bias.to(y.dtype)
@@ -198,7 +201,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
         s = F.silu(ffn.gate(x)) * ffn.up(x) * keep
     else:
         raise ValueError(f"unknown MLP sparsity method {m!r}")
-    _record(st, "mlp_coeff", keep, dense_rows)
+    _record(st, "mlp_coeff", keep, dense_rows, s)
     return ffn.down(s)
 
 
@@ -554,9 +557,30 @@ def stop_recording(model) -> dict:
     for i, layer in enumerate(model.layers):
         for mod in (layer.attention, layer.feed_forward):
             if mod.sparsity is not None and mod.sparsity.stats is not None:
-                for site, (z, t) in mod.sparsity.stats.items():
+                for site, (z, t) in ((k, v) for k, v in mod.sparsity.stats.items() if k != "_dump"):
                     out.setdefault(i, {})[site] = z / t if t else float("nan")
                 mod.sparsity.stats = None
+    return out
+
+
+def start_dumping(model):
+    """With recording on, keep each site's sparsified input of the newest token."""
+    for layer in model.layers:
+        for mod in (layer.attention, layer.feed_forward):
+            if mod.sparsity is not None and mod.sparsity.stats is not None:
+                mod.sparsity.stats["_dump"] = {}
+
+
+def take_dump(model) -> dict:
+    """{"layers.{i}.{site}": (B, C) tensor} of the newest token; clears it."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        for mod in (layer.attention, layer.feed_forward):
+            st = mod.sparsity.stats if mod.sparsity is not None and mod.sparsity.stats is not None else {}
+            for site, t in (st.get("_dump") or {}).items():
+                out[f"layers.{i}.{site}"] = t.contiguous()
+            if st.get("_dump") is not None:
+                st["_dump"] = {}
     return out
 
 

@@ -89,3 +89,30 @@ def test_sparsity_config_for_another_model(tmp_path):
     assert_one_line_error(p, "made for another model")
     (tmp_path / "junk.sparsity").write_bytes(b"\x00" * 50)
     assert_one_line_error(run("generate.py", "--sparsity", str(tmp_path / "junk.sparsity")), "corrupt")
+
+
+def test_dump_activations_one_file_per_token(smollm2_dir, tmp_path):
+    import calibrate
+    import sparsity
+    from model import load_model
+    from tokenizer import get_tokenizer
+    model, tok = load_model(smollm2_dir, dtype=torch_float32()), get_tokenizer(smollm2_dir)
+    cfg = calibrate.calibrate(model, calibrate.token_batches(tok, calibrate.calibration_texts(), 1, 64),
+                              method="teal", sparsity=0.5, progress=False)
+    sparsity.save_config(tmp_path / "teal.sparsity", cfg)
+    out = tmp_path / "trace"
+    p = run("generate.py", "--checkpoint", str(smollm2_dir), "--sparsity", str(tmp_path / "teal.sparsity"),
+            "--max-new-tokens", "6", "--no-stop", "--dump-activations", str(out), "--dump-tokens", "3")
+    assert p.returncode == 0, p.stderr
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ["token_0000.safetensors", "token_0001.safetensors", "token_0002.safetensors"]
+    from safetensors.torch import load_file
+    t = load_file(str(out / files[0]))
+    assert t["layers.0.q"].shape == (1, 576) and t["layers.29.down"].shape == (1, 1536)
+    zero_frac = float((t["layers.3.down"] == 0).float().mean())
+    assert 0.2 < zero_frac < 0.8  # the sparsified input, not the dense one
+
+
+def torch_float32():
+    import torch
+    return torch.float32
