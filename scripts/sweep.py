@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--ppl-tokens", type=int, default=20000)
     ap.add_argument("--tokens", choices=["all", "decode"])
+    ap.add_argument("--n-seqs", type=int, default=16, help="calibration sequences")
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default="results/sweep_smollm2")
     a = ap.parse_args()
     from model import load_model
@@ -94,7 +96,7 @@ def main():
             sys.exit(f"error: {e}")
     model = load_model(a.checkpoint, dtype=torch.float32)
     run_sweep(model, get_tokenizer(a.checkpoint), methods, levels, [t for t in a.tasks.split(",") if t], a.limit,
-              a.ppl_tokens, a.tokens, out=a.out)
+              a.ppl_tokens, a.tokens, a.n_seqs, a.seq_len, out=a.out)
     print(f"wrote {a.out}.csv and {a.out}.json")
 
 
