@@ -53,7 +53,24 @@ def make_plots(sweep_json, out_dir) -> list:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     written.append(p)
+    p = out_dir / "results.md"
+    p.write_text(results_table(rows))
+    written.append(p)
     return written
+
+
+def results_table(rows) -> str:
+    """Markdown: one row per sweep point."""
+    accs = [k for k in rows[0] if k.endswith("_acc")]
+    head = ["method", "level", "tokens", "effective sparsity", "perplexity"] + accs + ["measured by site"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['level']:.2f}", r["tokens"], f"{r['effective_sparsity']:.3f}",
+                 f"{r['perplexity']:.2f}" if r.get("perplexity") else "-"]
+        cells += [f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in accs]
+        cells.append(", ".join(f"{k} {v:.2f}" for k, v in (r.get("measured") or {}).items()) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main():

@@ -90,5 +90,8 @@ def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
     assert rows[2]["effective_sparsity"] > rows[1]["effective_sparsity"] > 0
     csv_text = (tmp_path / "sweep.csv").read_text().splitlines()
     assert csv_text[0].startswith("method,level,tokens,effective_sparsity,perplexity") and len(csv_text) == 6
-    for p in make_plots(tmp_path / "sweep.json", tmp_path / "plots"):
-        assert p.stat().st_size > 1000
+    written = make_plots(tmp_path / "sweep.json", tmp_path / "plots")
+    for p in written:
+        assert p.stat().st_size > (1000 if p.suffix == ".png" else 100)
+    table = (tmp_path / "plots" / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and table[3].startswith("| teal | 0.60 |")
