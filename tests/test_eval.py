@@ -94,4 +94,4 @@ def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
     for p in written:
         assert p.stat().st_size > (1000 if p.suffix == ".png" else 100)
     table = (tmp_path / "plots" / "results.md").read_text().splitlines()
-    assert len(table) == 2 + 5 and table[3].startswith("| teal | 0.60 |")
+    assert len(table) == 2 + 5 and table[4].startswith("| teal | 0.60 |")
