@@ -383,17 +383,23 @@ def fingerprint(model) -> dict:
     c = model.config
     return dict(architecture=c.architecture, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads,
                 n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, intermediate_size=c.intermediate_size,
-                vocab_size=c.vocab_size, weights=weights_hash(model))
+                vocab_size=c.vocab_size, weights=weights_signature(model))
 
 
-def weights_hash(model) -> str:
-    """A cheap content hash: a strided sample of every layer's MLP down weight."""
-    import hashlib
-    h = hashlib.sha1()
-    for layer in model.layers:
-        w = layer.feed_forward.down.weight.detach()
-        h.update(w.flatten()[:: max(1, w.numel() // 4096)].float().cpu().numpy().round(4).tobytes())
-    return h.hexdigest()[:16]
+def weights_signature(model) -> list:
+    """Mean |W_down| of every layer: tells checkpoints apart, and survives a change of dtype
+    (a config calibrated in fp32 on CPU applies to the same model in bf16 on GPU)."""
+    return [float(layer.feed_forward.down.weight.detach().float().abs().mean()) for layer in model.layers]
+
+
+def _same_model(a: dict, b: dict) -> list:
+    """Names of the fingerprint fields that differ (weights compared to 1e-2 relative)."""
+    diff = [k for k in b if k != "weights" and a.get(k) != b[k]]
+    wa, wb = a.get("weights"), b["weights"]
+    if not isinstance(wa, list) or len(wa) != len(wb) or any(
+            abs(x - y) > 1e-2 * max(abs(y), 1e-12) for x, y in zip(wa, wb)):
+        diff.append("weights")
+    return diff
 
 
 def check_sparsity_value(s, what="sparsity"):
@@ -445,9 +451,8 @@ def apply(model, cfg: Optional[SparsityConfig]):
     if cfg is None:
         return model
     h = cfg.header
-    fp = fingerprint(model)
-    if h["model"] != fp:
-        diff = [k for k in fp if h["model"].get(k) != fp[k]]
+    diff = _same_model(h["model"], fingerprint(model))
+    if diff:
         raise ValueError(f"sparsity config was made for another model (differs in {', '.join(diff)}); "
                          "calibrate it for this checkpoint with calibrate.py")
     c = model.config

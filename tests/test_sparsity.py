@@ -294,6 +294,12 @@ def test_config_round_trip_and_errors(tiny, tiny_batches, tmp_path, smollm2):
     sp.apply(tiny, None)
     with pytest.raises(ValueError, match="made for another model"):
         sp.apply(smollm2[0], loaded)
+    other = Transformer(TINY).eval()  # same shapes, other weights
+    with pytest.raises(ValueError, match="differs in weights"):
+        sp.apply(other, loaded)
+    sp.apply(tiny.to(torch.bfloat16), loaded)  # same model in another dtype: accepted
+    tiny.to(torch.float32)
+    sp.apply(tiny, None)
     bad = tmp_path / "truncated.sparsity"
     bad.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt"):
