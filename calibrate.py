@@ -87,8 +87,7 @@ class Capture:
 
     def inputs(self, module, name):
         self.handles.append(module.register_forward_pre_hook(
-            lambda m, args, kwargs=None: self.data.setdefault(name, []).append(args[0].detach()),
-            with_kwargs=False))
+            lambda m, args: self.data.setdefault(name, []).append(args[0].detach())))
 
     def outputs(self, module, name):
         self.handles.append(module.register_forward_hook(
@@ -325,7 +324,7 @@ def calibrate(model, batches, method=None, sparsity=0.5, greedy=False, scap=None
             lh["attention"] = dict(method=attention, k=kk, placement=placement, sdc=sdc, vmc=vmc)
             if attention == "top-theta":
                 attn_sp.scores = sp.AttentionScores("top-theta", kk, placement, collect={})
-                # collect only (thresholds None -> dense pass)
+                # collect only: thresholds of -inf keep every score (a dense pass)
                 attn_sp.scores.thresholds = torch.full((c.n_heads, T), -math.inf, device=device)
                 captured(model, layer, h_batches, [])
                 table = torch.full((c.n_heads, T), -math.inf)
@@ -381,12 +380,8 @@ def calibrate(model, batches, method=None, sparsity=0.5, greedy=False, scap=None
             attn_mod.sparsity = None
         lh["targets"] = targets
         layers_h.append(lh)
-        if attention == "top-theta" and topk_at_calibration:
-            attn_sp.scores.method = "top-k"
         with torch.no_grad():  # this layer's sparse output feeds the next layer
             h_batches = block_forward(model, layer, h_batches)
-        if attn_sp.scores is not None:
-            attn_sp.scores.method = attention
     default_tokens = "all" if method in (None, "cats", "scap") else "decode"
     header = dict(model=sp.fingerprint(model), method=method, attention=attention,
                   tokens=tokens or default_tokens,

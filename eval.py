@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lm_eval.api.model import LM
 from tqdm import tqdm
 
 import sparsity as sp
@@ -33,12 +34,7 @@ TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "sciq", "lam
 
 
 # ----------------------------------------------------------------------------- the lm-eval model
-def _lm_base():
-    from lm_eval.api.model import LM
-    return LM
-
-
-class SparseLM(_lm_base()):
+class SparseLM(LM):
     """lm-eval model over our Transformer; tokens policy decides which rows are sparse."""
 
     def __init__(self, model, tokenizer, tokens="all", batch_size=16, max_length=None):
