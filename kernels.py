@@ -11,9 +11,10 @@ captures them in the CUDA graph with no graph break.
    contiguous), so the weights of one input channel are one contiguous row and a
    skipped channel costs no memory traffic (a predicated-off load). Thresholds and
    modes are per output column (N,), constant within each BLOCK_N block, so one launch
-   serves fused q/k/v with three thresholds. Split-K partial sums go through fp32
-   atomics into an fp32 output (no fp16/bf16 atomics, so bf16 and fp16 both work).
-   Batch 1..8: a weight row is read if any row of the batch needs it.
+   serves fused q/k/v with three thresholds. Split K: each K chunk writes an fp32 partial
+   sum and the caller adds them in plain PyTorch, which torch.compile fuses into the next
+   op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1..8: a weight row is
+   read if any row of the batch needs it.
 
 2. gated_rows: output-sparse GEMV over the rows n of W (output-major, nn.Linear's own
    layout) that a per-row criterion keeps, fused with the MLP's elementwise step:
@@ -23,6 +24,15 @@ captures them in the CUDA graph with no graph break.
      mode 3 plain:        p = any,    keep p > 0,          s = W1 x
    Dropped rows are never read and give s = 0, which the down projection's
    input_sparse_gemv (t = 0) then skips.
+
+3. theta_attention: Top-Theta decode attention (arXiv 2502.08363, pre-softmax placement).
+   Split over keys (flash-decoding): every K row is read, since every score is compared
+   with its threshold, but a V row only if some query head of the KV group keeps its
+   score. Each key chunk writes its online-softmax state over the kept scores and over
+   all scores; the merge (plain PyTorch, fused by torch.compile) applies SDC none / exact /
+   theta and keeps the row maximum when no score passes. VMC and post-softmax placement
+   need every V row or the full denominator first: those configs use sparsity.py's
+   reference path.
 
 Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs).
 """
@@ -86,13 +96,37 @@ def gated_rows_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: fl
     return s * keep
 
 
+SDC_MODES = {"none": 0, "exact": 1, "theta": 2}
+
+
+def theta_attention_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lo: int, hi: int, sdc: int) -> Tensor:
+    """Top-Theta decode attention (pre-softmax placement). q: (B, H, D); k, v: (B, Hkv, L, D);
+    keys lo <= j < hi visible; theta: (H,) on scaled scores (-inf: dense). Kept: scores > theta,
+    or the row maximum if none is. sdc: 0 none, 1 exact (dense denominator), 2 theta (each
+    dropped score counted as exp(theta - max)). Returns (B, H, D) fp32."""
+    B, H, D = q.shape
+    rep = H // k.shape[1]
+    kf = k[:, :, lo:hi].float().repeat_interleave(rep, dim=1)  # (B, H, n, D)
+    vf = v[:, :, lo:hi].float().repeat_interleave(rep, dim=1)
+    a = torch.einsum("bhd,bhnd->bhn", q.float(), kf) / math.sqrt(D)
+    mx = a.amax(-1, keepdim=True)
+    keep = a > theta[None, :, None]
+    keep = keep | (~keep.any(-1, keepdim=True) & (a == mx))
+    e = torch.exp(a - mx)
+    denom = (e * keep).sum(-1, keepdim=True)
+    if sdc == 1:
+        denom = e.sum(-1, keepdim=True)
+    elif sdc == 2:
+        denom = denom + (~keep).sum(-1, keepdim=True) * torch.exp(theta[None, :, None] - mx)
+    return torch.einsum("bhn,bhnd->bhd", e * keep / denom, vf)
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
     @triton.jit
-    def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_yb,
+    def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
                                   K_PER_PROG: tl.constexpr, B_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, USE_ATOMIC: tl.constexpr,
-                                  DOT_FP32: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, DOT_FP32: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,6 +136,7 @@ if triton is not None:
         # One threshold (and mode) per BLOCK_N block: the host guarantees blocks never
         # straddle two projections, so the row mask is uniform along n and loads vectorise.
         t = tl.load(T + pid_n * BLOCK_N)
+        m = 0.0
         if HAS_MODE:
             m = tl.load(M + pid_n * BLOCK_N)
         acc = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
@@ -110,9 +145,7 @@ if triton is not None:
             offs_k = k0 + kk + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
-                        mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (B_PAD, BLOCK_K)
-            if HAS_MODE:
-                x = x - m
+                        mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) - m  # (B_PAD, BLOCK_K)
             keep = (tl.abs(x) > t) & b_ok[:, None] & k_ok[None, :]
             xs = tl.where(keep, x, 0.0)
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_K,): any row of the batch
@@ -124,13 +157,10 @@ if triton is not None:
                 acc += tl.dot(xs, w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(xs.to(w.dtype), w)
-        ptrs = Y + offs_b[:, None] * stride_yb + offs_n[None, :]
-        out_mask = b_ok[:, None] & n_ok[None, :]
-        if USE_ATOMIC:  # relaxed: partial sums need no ordering, only atomicity
-            tl.atomic_add(ptrs, acc, mask=out_mask, sem="relaxed")
-        else:
-            acc += tl.load(ptrs, mask=out_mask, other=0.0)
-            tl.store(ptrs, acc, mask=out_mask)
+        # One partial sum per K chunk (no atomics, no zero-filled output); the caller sums them,
+        # which torch.compile fuses into the next op.
+        tl.store(Y + pid_k * stride_ys + offs_b[:, None] * stride_yb + offs_n[None, :], acc,
+                 mask=b_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _gated_rows_kernel(X, W1, W2, P, Y, B, K, N, t, stride_xb, stride_w1, stride_w2, stride_pb, stride_yb,
@@ -177,6 +207,89 @@ if triton is not None:
         tl.store(Y + offs_b[:, None] * stride_yb + offs_n[None, :], s, mask=io_mask)
 
 
+if triton is not None:
+    @triton.jit
+    def _theta_attention_kernel(Q, K, V, THETA, LOHI, ACC, STATS, B, Hkv, n_split, scale,
+                                stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
+                                stride_vb, stride_vh, stride_vl, stride_ab, stride_ah, stride_as,
+                                stride_sb, stride_sh, stride_ss,
+                                REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                                BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+        """One program: one KV head (its REP query heads together) over one chunk of keys.
+        K rows are all read (every score is needed); a V row is read only if a query head of
+        the group keeps its score. Writes the chunk's online-softmax state over kept scores
+        (m_k, l_k, acc) and over all scores (m_a, l_a), the dropped count and the argmax."""
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_bh // Hkv
+        hk = pid_bh % Hkv
+        lo = tl.load(LOHI)
+        hi = tl.load(LOHI + 1)
+        per = tl.cdiv(tl.cdiv(hi - lo, n_split), BLOCK_L) * BLOCK_L
+        start = lo + pid_s * per
+        end = tl.minimum(start + per, hi)
+        offs_r = tl.arange(0, REP_PAD)
+        r_ok = offs_r < REP
+        heads = hk * REP + offs_r
+        offs_d = tl.arange(0, D_PAD)
+        d_ok = offs_d < D
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        theta = tl.load(THETA + heads, mask=r_ok, other=float("inf"))
+        m_k = tl.full((REP_PAD,), float("-inf"), tl.float32)
+        l_k = tl.zeros((REP_PAD,), tl.float32)
+        m_a = tl.full((REP_PAD,), float("-inf"), tl.float32)
+        l_a = tl.zeros((REP_PAD,), tl.float32)
+        n_drop = tl.zeros((REP_PAD,), tl.float32)
+        arg = tl.zeros((REP_PAD,), tl.int32)
+        acc = tl.zeros((REP_PAD, D_PAD), tl.float32)
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        for j0 in range(start, end, BLOCK_L):
+            offs_l = j0 + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < end
+            kt = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            if DOT_FP32:
+                a = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
+            else:
+                a = tl.dot(q, tl.trans(kt))
+            a = tl.where(l_ok[None, :], a * scale, float("-inf"))  # (REP_PAD, BLOCK_L)
+            # every visible score: max, argmax, exp-sum (SDC exact), dropped count (SDC theta)
+            bm = tl.max(a, 1)
+            barg = tl.argmax(a, 1) + j0
+            arg = tl.where(bm > m_a, barg, arg)
+            m_new = tl.maximum(m_a, bm)
+            l_a = l_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+            m_a = m_new
+            keep = (a > theta[:, None]) & l_ok[None, :] & r_ok[:, None]
+            n_drop += tl.sum((l_ok[None, :] & ~keep).to(tl.float32), 1)
+            need = tl.max(keep.to(tl.int32), 0) > 0  # (BLOCK_L,): union over the group's heads
+            vt = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=need[:, None] & d_ok[None, :],
+                         other=0.0)
+            mk_new = tl.maximum(m_k, tl.max(tl.where(keep, a, float("-inf")), 1))
+            mk_safe = tl.where(mk_new == float("-inf"), 0.0, mk_new)
+            alpha = tl.exp(m_k - mk_safe)
+            p = tl.where(keep, tl.exp(a - mk_safe[:, None]), 0.0)
+            l_k = l_k * alpha + tl.sum(p, 1)
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_k = mk_new
+        out = b * stride_ab + heads[:, None] * stride_ah + pid_s * stride_as + offs_d[None, :]
+        tl.store(ACC + out, acc, mask=r_ok[:, None] & d_ok[None, :])
+        st = STATS + b * stride_sb + heads * stride_sh + pid_s * stride_ss
+        tl.store(st, m_k, mask=r_ok)
+        tl.store(st + 1, l_k, mask=r_ok)
+        tl.store(st + 2, m_a, mask=r_ok)
+        tl.store(st + 3, l_a, mask=r_ok)
+        tl.store(st + 4, n_drop, mask=r_ok)
+        tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -184,6 +297,8 @@ def _num_sms(device) -> int:
 
 
 GEMV_TUNING = dict(block_k=512, block_n=64, programs_per_sm=8, num_warps=4)  # sweep: BENCHMARKS.md
+GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2 (sweep: BENCHMARKS.md)
+ATTN_TUNING = dict(block_l=32, programs_per_sm=4, num_warps=2)  # sweep: BENCHMARKS.md
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -215,30 +330,26 @@ def block_n_for(segments, cap=None) -> int:
 
 # ----------------------------------------------------------------------------- custom ops
 if triton is not None:
-    @torch.library.custom_op("actsparse::input_sparse_gemv", mutates_args=())
-    def input_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
-                          block_n: int) -> Tensor:
-        """x: (B, K) bf16/fp16/fp32; wt: (K, N) contiguous; t, m, shift: (N,) fp32, t and m
-        constant within each block_n block. Returns (B, N) fp32."""
+    @torch.library.custom_op("actsparse::input_sparse_gemv_partials", mutates_args=())
+    def input_sparse_gemv_partials(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], block_n: int) -> Tensor:
+        """x: (B, K) bf16/fp16/fp32; wt: (K, N) with unit column stride; t, m: (N,) fp32, constant
+        within each block_n block. Returns (split, B, N) fp32 partial sums over K chunks."""
         B, K = x.shape
         N = wt.shape[1]
         x = x.contiguous()
         cfg = gemv_launch_config(B, K, N, block_n, x.device)
         split = cfg.pop("split")
-        if shift is not None:
-            y = shift.float().repeat(B, 1)
-        else:
-            y = torch.zeros(B, N, dtype=torch.float32, device=x.device)
+        y = torch.empty(split, B, N, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, block_n), split)
         _input_sparse_gemv_kernel[grid](x, wt, t, m if m is not None else t, y, B, K, N, x.stride(0),
-                                        wt.stride(0), y.stride(0), HAS_MODE=m is not None,
-                                        USE_ATOMIC=split > 1,
+                                        wt.stride(0), y.stride(0), y.stride(1), HAS_MODE=m is not None,
                                         DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg)
         return y
 
-    @input_sparse_gemv.register_fake
-    def _(x, wt, t, m, shift, block_n):
-        return x.new_empty(x.shape[0], wt.shape[1], dtype=torch.float32)
+    @input_sparse_gemv_partials.register_fake
+    def _(x, wt, t, m, block_n):
+        cfg = gemv_launch_config(x.shape[0], x.shape[1], wt.shape[1], block_n, x.device)
+        return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
 
     @torch.library.custom_op("actsparse::gated_rows", mutates_args=())
     def gated_rows(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: float, mode: int) -> Tensor:
@@ -248,17 +359,92 @@ if triton is not None:
         x, p = x.contiguous(), p.contiguous()
         y = torch.empty(B, N, dtype=torch.float32, device=x.device)
         b_pad = triton.next_power_of_2(B)
-        block_n = 16 if b_pad <= 2 else 8
-        block_k = 256 if b_pad <= 2 else 128 // (b_pad // 2)
+        tn = GATED_TUNING
+        block_n = tn["block_n"] if b_pad <= 2 else 8
+        block_k = tn["block_k"] if b_pad <= 2 else 128 // (b_pad // 2)
         w2_ = w2 if w2 is not None else w1
         _gated_rows_kernel[(triton.cdiv(N, block_n),)](
             x, w1, w2_, p, y, B, K, N, float(t), x.stride(0), w1.stride(0), w2_.stride(0), p.stride(0),
-            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tn["num_warps"])
         return y
 
     @gated_rows.register_fake
     def _(x, w1, w2, p, t, mode):
         return x.new_empty(x.shape[0], w1.shape[0], dtype=torch.float32)
+
+
+def input_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
+                      block_n: int) -> Tensor:
+    """y = W ((x - m) * 1[|x - m| > t]) + shift. x: (B, K); wt = W^T (K, N); t, m, shift: (N,)
+    fp32 (t, m constant within each block_n block). Returns (B, N) fp32. The sum over the
+    K-chunk partials is plain PyTorch so that torch.compile fuses it into the next op."""
+    y = input_sparse_gemv_partials(x, wt, t, m, block_n).sum(0)
+    return y if shift is None else y + shift
+
+
+
+
+def attention_splits(B: int, Hkv: int, L: int, device) -> int:
+    """Key chunks per (sequence, KV head): enough programs to fill the GPU, fixed per cache size."""
+    tn = ATTN_TUNING
+    return max(1, min(triton.cdiv(L, tn["block_l"]), (tn["programs_per_sm"] * _num_sms(device)) // (B * Hkv)))
+
+
+if triton is not None:
+    @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
+    def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor) -> list[Tensor]:
+        """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32; lohi: (2,)
+        int32, visible keys lo <= j < hi. Returns acc (B, H, splits, D) and stats (B, H, splits, 6)
+        fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax (see theta_attention)."""
+        B, H, D = q.shape
+        Hkv, L = k.shape[1], k.shape[2]
+        n_split = attention_splits(B, Hkv, L, q.device)
+        acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
+        stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
+        rep = H // Hkv
+        dot_fp32 = q.dtype == torch.float32 or INTERPRET
+        _theta_attention_kernel[(B * Hkv, n_split)](
+            q, k, v, theta, lohi, acc, stats, B, Hkv, n_split, 1.0 / math.sqrt(D),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
+            REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
+            BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=dot_fp32, num_warps=ATTN_TUNING["num_warps"])
+        return [acc, stats]
+
+    @theta_attention_partials.register_fake
+    def _(q, k, v, theta, lohi):
+        B, H, D = q.shape
+        n_split = attention_splits(B, k.shape[1], k.shape[2], q.device)
+        return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32)]
+
+
+def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int) -> Tensor:
+    """Top-Theta decode attention: the kernel's per-chunk states merged in plain PyTorch
+    (torch.compile fuses the merge). Same contract as theta_attention_ref, lo/hi as a tensor."""
+    acc, st = theta_attention_partials(q, k, v, theta, lohi)
+    m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
+    M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
+    w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0
+    L_k = (l_k * w).sum(-1)  # (B, H)
+    out = (acc * w[..., None]).sum(-2)  # (B, H, D)
+    # No score above theta: the row maximum alone is kept (weight exp(M - M) = 1).
+    none = L_k == 0
+    best = torch.gather(arg, -1, m_a.argmax(-1, keepdim=True)).long()  # (B, H, 1) key index
+    B, H, D = q.shape
+    Hkv, L = v.shape[1], v.shape[2]
+    row = torch.arange(H, device=q.device)[None, :, None] // (H // Hkv) * L + best  # row of (B, Hkv * L, D)
+    v_best = torch.gather(v.reshape(B, Hkv * L, D), 1, row.view(B, H, 1).expand(B, H, D)).float()
+    out = torch.where(none[..., None], v_best, out)
+    L_k = torch.where(none, 1.0, L_k)
+    M = M.squeeze(-1)
+    if sdc == 1:
+        denom = (l_a * torch.exp(m_a - M[..., None])).sum(-1)
+    elif sdc == 2:
+        dropped = n_drop.sum(-1) - none.float()
+        denom = L_k + dropped * torch.exp(theta[None, :] - M)
+    else:
+        denom = L_k
+    return out / denom[..., None]
 
 
 # ----------------------------------------------------------------------------- layout

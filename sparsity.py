@@ -74,6 +74,7 @@ class AttentionScores:
     sdc: str = "none"  # softmax-denominator compensation (pre only): none | exact | theta
     vmc: bool = False  # V-mean compensation
     collect: Optional[dict] = None  # calibration: {n: list of (H,) k-th values}
+    kernel: bool = False  # decode through kernels.theta_attention (set by prepare_kernels)
 
 
 @dataclass
@@ -263,6 +264,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn=None
     """
     if attn is None or attn.scores is None:
         return dense_attention(q, k, v, mask)
+    if attn.scores.kernel and attn.stats is None and mask is not None and q.shape[2] == 1 and kernels.enabled(q):
+        return _kernel_attention(q, k, v, mask, attn.scores, dense_rows)
     return thresholded_attention(q, k, v, mask, attn.scores, attn.stats, dense_rows)
 
 
@@ -303,6 +306,8 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
         _collect_kth(scores_for_threshold, n, sc)
     if sc.method == "top-k":
         keep = topk_mask(scores_for_threshold, sc.k)
+        # SDC "theta" under top-k: the row's k-th largest score plays the threshold's part.
+        theta = scores_for_threshold.topk(min(sc.k, L), dim=-1).values[..., -1]
     else:
         table = sc.thresholds.to(a.device)  # (H, N)
         idx = (n - 1).clamp(max=table.shape[1] - 1)
@@ -337,6 +342,23 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
         v_mean = (mask.float() @ vf) / n[..., None]
         y = y + (1 - p.sum(-1, keepdim=True)) * v_mean
     return y.to(q.dtype)
+
+
+def _kernel_attention(q, k, v, mask, sc: AttentionScores, dense_rows=None):
+    """Decode step on GPU for Top-Theta (pre-softmax): kernels.theta_attention reads every K
+    row but only the V rows whose score some head of the KV group keeps."""
+    row = mask[0, 0, 0]  # (L,) the keys this one query row sees: lo <= j < lo + n
+    n = row.sum()
+    lo = row.int().argmax()
+    lohi = torch.stack([lo, lo + n]).to(torch.int32)
+    table = sc.thresholds  # (H, N)
+    theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
+    dense = n <= sc.k
+    if dense_rows is not None:
+        dense = dense | dense_rows[0]
+    theta = torch.where(dense, -math.inf, theta).float()
+    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc])
+    return y.to(q.dtype)[:, :, None]
 
 
 def _collect_kth(scores, n, sc: AttentionScores):
@@ -501,6 +523,9 @@ def prepare_kernels(layer, c, force=False):
     if not (force or layer.attention.wqkv.weight.is_cuda):
         return
     if attn is not None:
+        if attn.scores is not None:  # the kernel has no post-softmax placement and no V-mean (VMC reads all V)
+            sc = attn.scores
+            sc.kernel = sc.method == "top-theta" and sc.placement == "pre" and not sc.vmc
         if attn.qkv is not None:
             sites = attn.qkv
             dev = layer.attention.wqkv.weight.device

@@ -45,27 +45,61 @@ def copy_bandwidth_gbs(n_bytes=2 << 30, reps=20) -> float:
     return 2 * n_bytes / statistics.median(times) / 1e9
 
 
-def setup_inductor():
+def setup_inductor(coordinate_descent=True):
     import torch._inductor.config as ic
-    ic.coordinate_descent_tuning = True
+    ic.coordinate_descent_tuning = coordinate_descent  # also makes inductor turn M=1 matmuls into reductions
     ic.triton.unique_kernel_names = True
     ic.fx_graph_cache = True
 
 
-def time_decode(model, prompt_len=16, new_tokens=128, reps=5, batch_size=1, compiled_step=None):
-    """Median seconds per generated token over `reps` generations (after warm-up)."""
-    prompt = torch.randint(0, model.config.vocab_size, (prompt_len,), device="cuda", dtype=torch.int)
-    gen.decode_one_token = compiled_step or gen.decode_one_token
-    for _ in range(2):  # compile + CUDA-graph capture
-        gen.generate(model, prompt, new_tokens, batch_size)
-    times = []
-    for _ in range(reps):
+def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, profile=False):
+    """Median seconds per decoded token (decode steps only) after a dense prefill of `context`
+    random tokens (the `decode` token policy; also keeps the reference attention path from
+    materialising (H, L, L) scores in a long prefill). With profile: also a per-kernel table."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), device="cuda", dtype=torch.int)
+    gen.decode_one_token = compiled_step or EAGER_STEP
+    model.setup_caches(max_batch_size=1, max_seq_len=context + new_tokens + 1)
+    mods = [m for layer in model.layers for m in (layer.attention, layer.feed_forward)]
+
+    def run(n_tokens):
+        saved = [m.sparsity for m in mods]
+        for m in mods:
+            m.sparsity = None
+        with torch.no_grad():
+            tok = model(prompt, torch.arange(context, device="cuda"))[:, -1:].argmax(-1).int()
+        for m, sp_ in zip(mods, saved):  # the same objects again: the compiled step's guards still hold
+            m.sparsity = sp_
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        gen.generate(model, prompt, new_tokens, batch_size)
+        with torch.no_grad():
+            gen.decode_n_tokens(model, tok, torch.tensor([context], device="cuda", dtype=torch.int), n_tokens, 0.0,
+                                None)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / new_tokens
+        return (time.perf_counter() - t0) / n_tokens
+
+    for _ in range(2):  # compile + CUDA-graph capture
+        run(new_tokens)
+    sec = statistics.median(run(new_tokens) for _ in range(reps))
+    if profile:
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(16)
+        print_kernel_table(prof, 16, sec)
+    return sec
+
+
+def print_kernel_table(prof, n_steps, sec_per_token, top=14):
+    """GPU time per decode step by kernel name (summed over every launch of that kernel)."""
+    rows = [(e.self_device_time_total / n_steps, e.count // n_steps, e.key) for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    if not rows:
+        print("  profile: no GPU kernels recorded (CUDA-graph replays not traced by this build)")
+        return
+    total = sum(r[0] for r in rows)
+    print(f"  profile: {total / 1e3:.3f} ms of kernels per step, {sec_per_token * 1e3:.3f} ms per step wall "
+          f"({total / 1e3 / (sec_per_token * 1e3):.0%} busy)")
+    for us, count, name in sorted(rows, reverse=True)[:top]:
+        print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  x{count:<4} {name[:110]}")
 
 
 def bench_dense(preset, copy_gbs, new_tokens, compile=True):
@@ -115,8 +149,8 @@ def sweep_gemv(copy_gbs):
     import kernels
     best = None
     for block_n in (64, 128, 256):
-        for block_k in (128, 256, 512):
-            for pps in (2, 4, 8):
+        for block_k in (256, 512):
+            for pps in (4, 8):
                 for warps in (4, 8):
                     tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
                     total = 0.0
@@ -129,6 +163,99 @@ def sweep_gemv(copy_gbs):
     print(f"best launch configuration: {best[1]}", flush=True)
     kernels.GEMV_TUNING.update(best[1])
     return best[1]
+
+
+def sweep_gated(copy_gbs):
+    """Launch configurations of gated_rows (CATS mode, 50% of rows kept, batch 1), Llama-3-8B MLP."""
+    import kernels
+    K, N = 4096, 14336
+    w = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(4)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    p = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+    t = float(torch.nn.functional.silu(p.float()).abs().median())
+    best = None
+    for block_n in (4, 8, 16, 32):
+        for block_k in (128, 256, 512, 1024):
+            for warps in (2, 4, 8):
+                kernels.GATED_TUNING.update(block_n=block_n, block_k=block_k, num_warps=warps)
+                sec = graph_time(lambda i: kernels.gated_rows(x, w[i % 4], None, p, t, 0))
+                ideal = 0.5 * K * N * 2 / (copy_gbs * 1e9)
+                print(f"gated sweep block_n={block_n} block_k={block_k} warps={warps}: {sec * 1e6:.1f} us "
+                      f"(ideal {ideal * 1e6:.1f})", flush=True)
+                if best is None or sec < best[0]:
+                    best = (sec, dict(kernels.GATED_TUNING))
+    kernels.GATED_TUNING.update(best[1])
+    dense = graph_time(lambda i: torch.nn.functional.linear(x, w[i % 4]))
+    print(f"best gated_rows configuration: {best[1]}: {best[0] * 1e6:.1f} us at 50% rows vs cuBLAS dense "
+          f"{dense * 1e6:.1f} us", flush=True)
+    return best[1]
+
+
+def sweep_attention(copy_gbs):
+    """Launch configurations of theta_attention (eager merge: same overhead for every
+    configuration), Llama-3-8B heads, 10% of scores kept, 8k and 32k keys."""
+    import kernels
+    B, H, Hkv, D = 1, 32, 8, 128
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    best = None
+    caches = {L: ([torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)],
+                  [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)])
+              for L in (8192, 32768)}
+    for block_l in (32, 64, 128):
+        for pps in (1, 2, 4, 8):
+            for warps in (2, 4, 8):
+                kernels.ATTN_TUNING.update(block_l=block_l, programs_per_sm=pps, num_warps=warps)
+                total = 0.0
+                for L, (ks, vs) in caches.items():
+                    a = torch.einsum("bhd,bhnd->bhn", q.float(), ks[0].float().repeat_interleave(H // Hkv, 1))
+                    theta = torch.quantile(a[0] / D ** 0.5, 0.9, dim=-1).float()
+                    lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+                    total += graph_time(lambda i: kernels.theta_attention(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
+                print(f"attention sweep block_l={block_l} programs_per_sm={pps} warps={warps}: "
+                      f"{total * 1e6:.1f} us", flush=True)
+                if best is None or total < best[0]:
+                    best = (total, dict(kernels.ATTN_TUNING))
+    kernels.ATTN_TUNING.update(best[1])
+    print(f"best theta_attention configuration: {best[1]}", flush=True)
+    return best[1]
+
+
+def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
+    """Top-Theta decode attention (kernels.theta_attention) vs SDPA on the same KV cache,
+    Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), batch 1. Thresholds per head at
+    the score quantile that keeps `keep` of each head's scores; a V row is read when any of
+    the 4 heads sharing it keeps it."""
+    import kernels
+    import sparsity as sp
+    B, H, Hkv, D = 1, 32, 8, 128
+    attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the chunk merge fused, as in a model
+    rows = []
+    for L in lengths:
+        n_buf = max(2, int(200e6 // (2 * B * Hkv * L * D * 2)))
+        ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+        vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
+        lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        t_mask = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
+        t_flash = graph_time(lambda i: torch.nn.functional.scaled_dot_product_attention(
+            q, ks[i % n_buf], vs[i % n_buf], enable_gqa=True))
+        a = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), ks[0].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
+        for keep in (1.0, 0.25, 0.1, 0.03):
+            theta = (torch.full((H,), -float("inf"), device="cuda") if keep == 1.0
+                     else torch.quantile(a[0], 1 - keep, dim=-1).float())
+            kept = a[0] > theta[:, None]
+            v_frac = float(kept.view(Hkv, H // Hkv, L).any(1).float().mean())
+            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
+            ideal = (1 + v_frac) * B * Hkv * L * D * 2 / (copy_gbs * 1e9)
+            rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_sdpa_mask=t_mask * 1e6,
+                             us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6))
+            print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel {sec * 1e6:7.1f} us  "
+                  f"SDPA masked {t_mask * 1e6:7.1f} us  SDPA no mask {t_flash * 1e6:7.1f} us  "
+                  f"ideal {ideal * 1e6:6.1f} us  speedup vs masked SDPA {t_mask / sec:.2f}x", flush=True)
+        ks = vs = None  # free the caches before the next length
+        torch.cuda.empty_cache()
+    return rows
 
 
 _GEMV_BUFS = {}
@@ -148,7 +275,7 @@ def _gemv_buffers(K, N, batch):
     return _GEMV_BUFS[key]
 
 
-def _time_sparse(K, N, s, batch, copy_gbs, tuning=None):
+def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False):
     import kernels
     ws, wts, xs, a = _gemv_buffers(K, N, batch)
     n = len(ws)
@@ -157,8 +284,12 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None):
     old = dict(kernels.GEMV_TUNING)
     kernels.GEMV_TUNING.update(tuning or {})
     block_n = kernels.block_n_for([N])
+    gemv = kernels.input_sparse_gemv
+    if compiled:  # the partial sums' reduction compiled as in a model (the sweep compares configurations eagerly)
+        torch._dynamo.reset()
+        gemv = torch.compile(gemv, fullgraph=True)
     try:
-        return graph_time(lambda i: kernels.input_sparse_gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
+        return graph_time(lambda i: gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
     finally:
         kernels.GEMV_TUNING.clear()
         kernels.GEMV_TUNING.update(old)
@@ -171,7 +302,7 @@ def bench_gemv(copy_gbs, batch=1):
         n = len(ws)
         t_dense = graph_time(lambda i: torch.nn.functional.linear(xs[i % n], ws[i % n]))
         for s in GEMV_SPARSITIES:
-            t_sp = _time_sparse(K, N, s, batch, copy_gbs)
+            t_sp = _time_sparse(K, N, s, batch, copy_gbs, compiled=True)
             ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
             rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_dense=t_dense * 1e6,
                              us_ideal=ideal * 1e6, speedup=t_dense / t_sp, vs_ideal=t_sp / ideal))
@@ -189,16 +320,17 @@ E2E = {  # name -> calibrate() keyword arguments (paper operating points)
     "m-countdown70": dict(method="m-countdown", sparsity=0.7),
     "d-countdown70": dict(method="d-countdown", sparsity=0.7, rank=512),
     "d-countdown-oracle70": dict(method="d-countdown-oracle", sparsity=0.7),
+    # Top-Theta: thresholds from 1024-token calibration rows (n > 1024 uses the n = 1024 column)
+    "top-theta": dict(attention="top-theta", k=128),
 }
 
 
-def bench_e2e(preset, names, copy_gbs, new_tokens):
+def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     import calibrate as cal
     import sparsity as sp
     torch.manual_seed(0)
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
-    batches = torch.randint(0, model.config.vocab_size, (2, 64))
     rows, dense_tok_s = [], None
     for name in names:
         t0 = time.perf_counter()
@@ -206,16 +338,20 @@ def bench_e2e(preset, names, copy_gbs, new_tokens):
             sp.apply(model, None)
             eff = 0.0
         else:
-            cfg = cal.calibrate(model, batches, progress=False, **E2E[name])
-            eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"])
+            kw = E2E[name]
+            batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
+            cfg = cal.calibrate(model, batches, progress=False, **kw)
+            eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
+                if cfg.header.get("method") else 0.0
             sp.apply(model, cfg)
         t_cal = time.perf_counter() - t0
         torch._dynamo.reset()
         step = torch.compile(EAGER_STEP, mode="reduce-overhead", fullgraph=True)
-        s_per_tok = time_decode(model, new_tokens=new_tokens, compiled_step=step)
+        print(f"e2e {preset} {name} (context {context}):", flush=True)
+        s_per_tok = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile)
         tok_s = 1 / s_per_tok
         dense_tok_s = dense_tok_s or (tok_s if name == "dense" else None)
-        rows.append(dict(preset=preset, method=name, tok_s=tok_s, effective_sparsity=eff,
+        rows.append(dict(preset=preset, method=name, context=context, tok_s=tok_s, effective_sparsity=eff,
                          speedup_vs_dense=tok_s / dense_tok_s if dense_tok_s else float("nan"),
                          dense_gb_s_equiv=step_bytes * tok_s / 1e9, calibrate_s=t_cal))
         r = rows[-1]
@@ -238,10 +374,17 @@ def main():
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense {' '.join(E2E)}")
+    ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
+    ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
+    ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")
+    ap.add_argument("--attention", action="store_true", help="Top-Theta decode attention vs SDPA")
+    ap.add_argument("--attention-sweep", action="store_true", help="sweep theta_attention launch configurations")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
+    ap.add_argument("--no-coordinate-descent", action="store_true",
+                    help="inductor without coordinate-descent tuning: M=1 matmuls stay on cuBLAS")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
-    setup_inductor()
+    setup_inductor(not a.no_coordinate_descent)
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
     print(f"device: {name}, torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
@@ -252,15 +395,19 @@ def main():
         print(f"{p:>14}: {r['tok_s']:7.1f} tok/s  {r['gb_s']:7.0f} GB/s  step {r['step_gb']:.2f} GB  "
               f"limit {r['ideal_tok_s']:6.1f} tok/s  achieved/copy = {r['ratio_to_copy']:.3f}", flush=True)
     tuning = sweep_gemv(copy_gbs) if a.sweep else None
+    gated_tuning = sweep_gated(copy_gbs) if a.gated_sweep else None
     if a.gemv:
         for b in a.gemv_batch:
             gemv += bench_gemv(copy_gbs, b)
+    attn_tuning = sweep_attention(copy_gbs) if a.attention_sweep else None
+    attention = bench_attention(copy_gbs) if a.attention else []
     if a.e2e:
         for p in a.presets:
-            e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens)
+            e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning,
-                                                dense=rows, gemv=gemv, e2e=e2e), indent=2))
+                                                gated_tuning=gated_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
+                                                e2e=e2e), indent=2))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ def thresholds_for(x, sparsity, mode=0.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-def test_input_sparse_gemv(dtype, B, sparsity):
-    K, N = 200, 96  # K not a multiple of BLOCK_K; N split into two "projections" of 64 and 32
+@pytest.mark.parametrize("programs_per_sm", [8, 1])  # several K chunks (partial sums) / one chunk of 4 blocks
+def test_input_sparse_gemv(dtype, B, sparsity, programs_per_sm, monkeypatch):
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=programs_per_sm))
+    K, N = 200, 96  # K not a multiple of BLOCK_K (several K chunks); N: "projections" of 64 and 32
     x = torch.randn(B, K, device=DEVICE).to(dtype)
     wt = torch.randn(K, N, device=DEVICE).to(dtype)
     t = torch.empty(N, device=DEVICE)
@@ -164,3 +166,61 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
         monkeypatch.setenv("ACTSPARSE_KERNELS", "0")
         eager = generate.decode_one_token(model, x, pos, 0.0, None)
     assert compiled.shape == (1, 1) and compiled.item() == eager.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,D", [(1, 4, 2, 16), (2, 3, 3, 24)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("sdc", [0, 1, 2])
+def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc):
+    """Top-Theta decode attention: odd head dim, GQA and plain, a visible window lo..hi that
+    is not a multiple of the key block, thresholds that keep everything and nothing."""
+    L, lo, hi = 300, 7, 290
+    q = torch.randn(B, H, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+    a = torch.einsum("bhd,bhnd->bhn", q.float(), k[:, :, lo:hi].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
+    theta = torch.tensor([thresholds_for(a[:, h], sparsity) for h in range(H)], device=DEVICE)
+    theta[0] = -float("inf")  # one dense head
+    lohi = torch.tensor([lo, hi], dtype=torch.int32, device=DEVICE)
+    y = kernels.theta_attention(q, k, v, theta, lohi, sdc)
+    ref = kernels.theta_attention_ref(q, k, v, theta, lo, hi, sdc)
+    assert not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("sdc", ["none", "exact", "theta"])
+def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
+    """A decode step of a Top-Theta model (GQA, sliding window) through the kernel equals the
+    reference thresholded_attention, and the thresholds really drop scores."""
+    import calibrate as cal
+    import sparsity as sp
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                      vocab_size=61, sliding_window=24)
+    model = Transformer(cfg_m).eval().to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
+                        sdc=sdc, progress=False)
+    sp.apply(model, cfg)
+    for layer in model.layers:
+        sp.prepare_kernels(layer, cfg_m, force=True)
+        assert layer.attention.sparsity.scores.kernel
+    model.setup_caches(max_batch_size=2, max_seq_len=40)
+    prompt = torch.randint(0, 61, (2, 30), device=DEVICE)
+    x, pos = torch.randint(0, 61, (2, 1), device=DEVICE), torch.tensor([30], device=DEVICE)
+    with torch.no_grad():
+        monkeypatch.setenv("ACTSPARSE_KERNELS", "0")
+        model(prompt, torch.arange(30, device=DEVICE))
+        ref = model(x, pos)
+        sp.start_recording(model)
+        model(x, pos)
+        measured = sp.stop_recording(model)
+        monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+        got = model(x, pos)
+    assert min(m["scores"] for m in measured.values()) > 0.3  # scores were dropped
+    assert rel_err(got, ref) < 1e-4
