@@ -30,7 +30,8 @@ from tqdm import tqdm
 import sparsity as sp
 
 ROOT = Path(__file__).resolve().parent
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "sciq", "lambada")
+TASKS = ("arc_easy", "arc_challenge", "arc_easy_test", "arc_challenge_test", "hellaswag", "piqa", "winogrande",
+         "boolq", "sciq", "openbookqa", "mmlu", "lambada")
 
 
 # ----------------------------------------------------------------------------- the lm-eval model
