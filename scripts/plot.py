@@ -1,17 +1,117 @@
-"""Plots from a sweep (scripts/sweep.py): quality vs effective weight sparsity (Pareto
-curves, all methods on one chart) and the measured per-layer sparsity of each point.
+"""Plots: quality vs effective weight sparsity from a sweep (Pareto curves, all methods on
+one chart, plus the measured per-layer sparsity of each point); per-layer thresholds of
+sparsity configs; activation histograms from --dump-activations traces.
 
     python scripts/plot.py results/sweep_smollm2.json [--out-dir results/plots]
+    python scripts/plot.py --configs configs/teal50.sparsity configs/cats50.sparsity --out-dir results/plots
+    python scripts/plot.py --dump traces/teal0 --out-dir results/plots   # generate.py/eval.py --dump-activations
 """
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def make_plots(sweep_json, out_dir) -> list:
+
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_thresholds(config_paths, out_dir) -> list:
+    """thresholds.png: per-layer threshold of every thresholded site, one panel per config;
+    theta.png: Top-Theta thresholds theta(n) per head of the first and last layer."""
+    import sparsity as sp
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfgs = [(Path(c).stem, sp.load_config(c)) for c in config_paths]
+    written = []
+    with_sites = [(n, c) for n, c in cfgs if any(k.endswith(".threshold") for k in c.tensors)]
+    fig, axes = plt.subplots(1, max(1, len(with_sites)), figsize=(5.5 * max(1, len(with_sites)), 4), squeeze=False)
+    for ax, (name, cfg) in zip(axes[0], with_sites):
+        n_layers = len(cfg.header["layers"])
+        keys = sorted({m.group(2) for k in cfg.tensors if (m := re.fullmatch(r"layers\.(\d+)\.(.+)\.threshold", k))})
+        for site in keys:
+            ys = [float(cfg.tensors[f"layers.{i}.{site}.threshold"]) if f"layers.{i}.{site}.threshold" in cfg.tensors
+                  else float("nan") for i in range(n_layers)]
+            ax.plot(range(n_layers), ys, marker=".", label=site)
+        ax.set_title(f"{name} ({cfg.header.get('method') or cfg.header.get('attention')})", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("threshold")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "thresholds.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    thetas = [(name, cfg) for name, cfg in cfgs if any(k.endswith(".theta") for k in cfg.tensors)]
+    if thetas:
+        name, cfg = thetas[0]
+        layers = sorted(int(k.split(".")[1]) for k in cfg.tensors if k.endswith(".theta"))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, i in zip(axes, (layers[0], layers[-1])):
+            table = cfg.tensors[f"layers.{i}.theta"]  # (H, N), -inf where rows stay dense
+            for h in range(table.shape[0]):
+                ax.plot(range(1, table.shape[1] + 1), table[h].numpy(), lw=0.8)
+            ax.set_title(f"{name}: Top-Theta thresholds, layer {i} (one line per head)", fontsize=9)
+            ax.set_xlabel("visible keys n")
+            ax.set_ylabel("theta")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(out_dir / "theta.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def plot_histograms(dump_dir, out_dir, layers=None) -> list:
+    """histograms.png: distribution of each site's input over the dumped tokens (safetensors
+    files from --dump-activations), a few layers per panel, log-count axis. Dumped inputs are
+    the sparsified ones: calibrate a config at sparsity 0 to see the dense distributions."""
+    from safetensors.torch import load_file
+    import torch
+    plt = _plt()
+    files = sorted(Path(dump_dir).glob("token_*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no token_*.safetensors in {dump_dir}; write them with --dump-activations")
+    data = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            data.setdefault(k, []).append(v.flatten())
+    data = {k: torch.cat(v) for k, v in data.items()}
+    n_layers = 1 + max(int(k.split(".")[1]) for k in data)
+    layers = layers or sorted({0, n_layers // 2, n_layers - 1})
+    sites = sorted({k.split(".", 2)[2] for k in data}, key=lambda s: "qkvo gate up down mlp_coeff".find(s))
+    fig, axes = plt.subplots(1, len(sites), figsize=(3.6 * len(sites), 3.4), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        for i in layers:
+            v = data.get(f"layers.{i}.{site}")
+            if v is None:
+                continue
+            zero = float((v == 0).float().mean())
+            lim = float(v.abs().quantile(0.999)) if v.numel() < (1 << 24) else float(v.abs().max())
+            ax.hist(v.clamp(-lim, lim).numpy(), bins=120, histtype="step", log=True,
+                    label=f"layer {i} ({zero:.0%} zero)")
+        ax.set_title(site, fontsize=9)
+        ax.set_xlabel("activation")
+        ax.legend(fontsize=6)
+    fig.suptitle(f"site inputs over {len(files)} dumped tokens ({dump_dir})", fontsize=9)
+    fig.tight_layout()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = out_dir / "histograms.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
+
+
+def make_plots(sweep_json, out_dir) -> list:
+    plt = _plt()
     rows = json.loads(Path(sweep_json).read_text())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,11 +175,18 @@ def results_table(rows) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("sweep_json")
+    ap.add_argument("sweep_json", nargs="?", help="scripts/sweep.py output (.json)")
+    ap.add_argument("--configs", nargs="+", default=[], help="sparsity configs: per-layer threshold plots")
+    ap.add_argument("--dump", help="a --dump-activations folder: activation histograms")
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args()
-    out = a.out_dir or str(Path(a.sweep_json).parent / "plots")
-    for p in make_plots(a.sweep_json, out):
+    if not (a.sweep_json or a.configs or a.dump):
+        ap.error("give a sweep JSON, --configs and/or --dump")
+    out = a.out_dir or (str(Path(a.sweep_json).parent / "plots") if a.sweep_json else "results/plots")
+    written = make_plots(a.sweep_json, out) if a.sweep_json else []
+    written += plot_thresholds(a.configs, out) if a.configs else []
+    written += plot_histograms(a.dump, out) if a.dump else []
+    for p in written:
         print(f"wrote {p}")
 
 

@@ -121,6 +121,9 @@ def test_dump_activations_one_file_per_token(smollm2_dir, tmp_path):
     assert t["layers.29.down"].shape == (1, 1536) and 0.2 < float((t["layers.3.down"] == 0).float().mean()) < 0.8
     assert_one_line_error(run("eval.py", "--checkpoint", str(smollm2_dir), "--tasks", "arc_easy",
                               "--dump-activations", str(out2)), "needs --sparsity")
+    from scripts.plot import plot_histograms
+    (png,) = plot_histograms(out2, tmp_path / "plots")
+    assert png.name == "histograms.png" and png.stat().st_size > 5000
 
 
 def torch_float32():

@@ -118,6 +118,21 @@ def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
     assert len(table) == 2 + 5 and table[4].startswith("| teal | 0.60 |")
 
 
+def test_threshold_plots(tmp_path):
+    from model import ModelArgs, Transformer
+    from scripts.plot import plot_thresholds
+    torch.manual_seed(0)
+    tiny = Transformer(ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=64,
+                                 vocab_size=50)).eval()
+    batches = torch.randint(0, 50, (2, 24))
+    for name, kw in (("teal", dict(method="teal")), ("cats", dict(method="cats")),
+                     ("theta", dict(attention="top-theta", k=4))):
+        sp.save_config(tmp_path / f"{name}.sparsity", cal.calibrate(tiny, batches, progress=False, **kw))
+    written = plot_thresholds([tmp_path / f"{n}.sparsity" for n in ("teal", "cats", "theta")], tmp_path / "plots")
+    assert [p.name for p in written] == ["thresholds.png", "theta.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+
+
 def test_run_program_limits():
     """The HumanEval executor: status 0 passes; failures, a hang and a memory bomb do not; the
     child sees none of our environment."""
