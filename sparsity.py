@@ -2,7 +2,10 @@
 
 Every function here takes the site's config (or None) last. With None it is
 the dense computation, written exactly as a dense model writes it, so a model
-with no sparsity config traces to the dense graph.
+with no sparsity config traces to the dense graph. One deliberate exception:
+with a static cache of >= 1024 positions a decode step's attention on GPU runs
+kernels.theta_attention with every score kept, because the masked SDPA reads the
+whole cache on a few thread blocks (BENCHMARKS.md: 2.4x faster dense decode at 8k).
 
 Sites (model.py)                 function            methods
   attention input (q/k/v input)  sparse_qkv          TEAL, SCAP
@@ -46,6 +49,7 @@ FORMAT = "activation-sparsity/1"
 PROJ_METHODS = ("teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle")
 ATTN_METHODS = ("top-theta", "top-k")
 LINEAR_SITES = ("q", "k", "v", "o", "gate", "up", "down")
+DENSE_KERNEL_MIN_CACHE = 1024  # dense decode attention uses kernels.theta_attention from this cache length on
 
 
 # ----------------------------------------------------------------------------- config objects
@@ -262,9 +266,15 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn=None
     q: (B, H, S, D); k, v: (B, Hkv, L, D); mask: bool (1, 1, S, L), or None for causal
     over S == L. Returns (B, H, S, D).
     """
+    decode_kernel = mask is not None and q.shape[2] == 1 and kernels.enabled(q)
     if attn is None or attn.scores is None:
+        # Dense decode on GPU with a long static cache: the same split-over-keys kernel, every
+        # score kept (masked SDPA reads the whole cache on a few thread blocks). Measured on
+        # H100: 1.14x at 1089 cache positions, 0.93x at 145 (BENCHMARKS.md) -> from 1024 on.
+        if decode_kernel and k.shape[2] >= DENSE_KERNEL_MIN_CACHE:
+            return _kernel_attention(q, k, v, mask)
         return dense_attention(q, k, v, mask)
-    if attn.scores.kernel and attn.stats is None and mask is not None and q.shape[2] == 1 and kernels.enabled(q):
+    if attn.scores.kernel and attn.stats is None and decode_kernel:
         return _kernel_attention(q, k, v, mask, attn.scores, dense_rows)
     return thresholded_attention(q, k, v, mask, attn.scores, attn.stats, dense_rows)
 
@@ -344,20 +354,24 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
     return y.to(q.dtype)
 
 
-def _kernel_attention(q, k, v, mask, sc: AttentionScores, dense_rows=None):
-    """Decode step on GPU for Top-Theta (pre-softmax): kernels.theta_attention reads every K
-    row but only the V rows whose score some head of the KV group keeps."""
+def _kernel_attention(q, k, v, mask, sc: Optional[AttentionScores] = None, dense_rows=None):
+    """Decode step on GPU: kernels.theta_attention splits the visible keys over the GPU
+    (the masked SDPA does not) and, for Top-Theta (pre-softmax), reads every K row but only
+    the V rows whose score some head of the KV group keeps. sc None: dense (theta = -inf)."""
     row = mask[0, 0, 0]  # (L,) the keys this one query row sees: lo <= j < lo + n
     n = row.sum()
     lo = row.int().argmax()
     lohi = torch.stack([lo, lo + n]).to(torch.int32)
-    table = sc.thresholds  # (H, N)
-    theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
-    dense = n <= sc.k
-    if dense_rows is not None:
-        dense = dense | dense_rows[0]
-    theta = torch.where(dense, -math.inf, theta).float()
-    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc])
+    if sc is None:
+        theta = torch.full((q.shape[1],), -math.inf, device=q.device)
+    else:
+        table = sc.thresholds  # (H, N)
+        theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
+        dense = n <= sc.k
+        if dense_rows is not None:
+            dense = dense | dense_rows[0]
+        theta = torch.where(dense, -math.inf, theta).float()
+    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc] if sc else 0)
     return y.to(q.dtype)[:, :, None]
 
 

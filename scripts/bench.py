@@ -14,6 +14,7 @@ Prints a table; --json writes the numbers too.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -334,7 +335,9 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     rows, dense_tok_s = [], None
     for name in names:
         t0 = time.perf_counter()
-        if name == "dense":
+        # dense-sdpa: dense with every kernel off, i.e. the masked SDPA for decode attention
+        os.environ["ACTSPARSE_KERNELS"] = "0" if name == "dense-sdpa" else "1"
+        if name in ("dense", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
@@ -350,7 +353,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         print(f"e2e {preset} {name} (context {context}):", flush=True)
         s_per_tok = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile)
         tok_s = 1 / s_per_tok
-        dense_tok_s = dense_tok_s or (tok_s if name == "dense" else None)
+        dense_tok_s = dense_tok_s or (tok_s if name.startswith("dense") else None)
         rows.append(dict(preset=preset, method=name, context=context, tok_s=tok_s, effective_sparsity=eff,
                          speedup_vs_dense=tok_s / dense_tok_s if dense_tok_s else float("nan"),
                          dense_gb_s_equiv=step_bytes * tok_s / 1e9, calibrate_s=t_cal))
@@ -358,6 +361,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         print(f"e2e {preset} {name:>20}: {tok_s:7.1f} tok/s  speedup vs dense {r['speedup_vs_dense']:.2f}x  "
               f"effective sparsity {eff:.3f}  (dense-equivalent {r['dense_gb_s_equiv']:.0f} GB/s, "
               f"copy {copy_gbs:.0f} GB/s)", flush=True)
+    os.environ["ACTSPARSE_KERNELS"] = "1"
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -373,7 +377,7 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
-    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense {' '.join(E2E)}")
+    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-sdpa {' '.join(E2E)}")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")

@@ -189,10 +189,11 @@ def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc):
     assert rel_err(y, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("sdc", ["none", "exact", "theta"])
+@pytest.mark.parametrize("sdc", ["none", "exact", "theta", "dense"])
 def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
     """A decode step of a Top-Theta model (GQA, sliding window) through the kernel equals the
-    reference thresholded_attention, and the thresholds really drop scores."""
+    reference thresholded_attention, and the thresholds really drop scores; with no config
+    ("dense") the kernel's decode attention equals SDPA's."""
     import calibrate as cal
     import sparsity as sp
     from model import ModelArgs, Transformer
@@ -204,12 +205,14 @@ def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0, 0.3)
-    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
-                        sdc=sdc, progress=False)
-    sp.apply(model, cfg)
-    for layer in model.layers:
-        sp.prepare_kernels(layer, cfg_m, force=True)
-        assert layer.attention.sparsity.scores.kernel
+    monkeypatch.setattr(sp, "DENSE_KERNEL_MIN_CACHE", 16)  # the tiny cache below takes the kernel path too
+    if sdc != "dense":
+        cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
+                            sdc=sdc, progress=False)
+        sp.apply(model, cfg)
+        for layer in model.layers:
+            sp.prepare_kernels(layer, cfg_m, force=True)
+            assert layer.attention.sparsity.scores.kernel
     model.setup_caches(max_batch_size=2, max_seq_len=40)
     prompt = torch.randint(0, 61, (2, 30), device=DEVICE)
     x, pos = torch.randint(0, 61, (2, 1), device=DEVICE), torch.tensor([30], device=DEVICE)
@@ -222,5 +225,6 @@ def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
         measured = sp.stop_recording(model)
         monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
         got = model(x, pos)
-    assert min(m["scores"] for m in measured.values()) > 0.3  # scores were dropped
+    if sdc != "dense":
+        assert min(m["scores"] for m in measured.values()) > 0.3  # scores were dropped
     assert rel_err(got, ref) < 1e-4
