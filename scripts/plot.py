@@ -2,7 +2,7 @@
 one chart, plus the measured per-layer sparsity of each point); per-layer thresholds of
 sparsity configs; activation histograms from --dump-activations traces.
 
-    python scripts/plot.py results/sweep_smollm2.json [--out-dir results/plots]
+    python scripts/plot.py results/sweep_smollm2.json [more sweeps ...] [--out-dir results/plots]
     python scripts/plot.py --configs configs/teal50.sparsity configs/cats50.sparsity --out-dir results/plots
     python scripts/plot.py --dump traces/teal0 --out-dir results/plots   # generate.py/eval.py --dump-activations
 """
@@ -110,9 +110,29 @@ def plot_histograms(dump_dir, out_dir, layers=None) -> list:
     return [p]
 
 
-def make_plots(sweep_json, out_dir) -> list:
+def load_rows(sweep_jsons) -> list:
+    """Rows of one or more sweeps (one dense row kept); a method evaluated under several token
+    policies is named "method (policy)"."""
+    rows, seen_dense = [], False
+    for path in sweep_jsons:
+        for r in json.loads(Path(path).read_text()):
+            if r["method"] == "dense":
+                if seen_dense:
+                    continue
+                seen_dense = True
+            rows.append(r)
+    policies = {}
+    for r in rows:
+        policies.setdefault(r["method"], set()).add(r["tokens"])
+    for r in rows:
+        if r["method"] != "dense" and len(policies[r["method"]]) > 1:
+            r["method"] = f"{r['method']} ({r['tokens']})"
+    return rows
+
+
+def make_plots(sweep_jsons, out_dir) -> list:
     plt = _plt()
-    rows = json.loads(Path(sweep_json).read_text())
+    rows = load_rows([sweep_jsons] if isinstance(sweep_jsons, (str, Path)) else sweep_jsons)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -175,14 +195,14 @@ def results_table(rows) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("sweep_json", nargs="?", help="scripts/sweep.py output (.json)")
+    ap.add_argument("sweep_json", nargs="*", help="scripts/sweep.py outputs (.json), shown together")
     ap.add_argument("--configs", nargs="+", default=[], help="sparsity configs: per-layer threshold plots")
     ap.add_argument("--dump", help="a --dump-activations folder: activation histograms")
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args()
     if not (a.sweep_json or a.configs or a.dump):
         ap.error("give a sweep JSON, --configs and/or --dump")
-    out = a.out_dir or (str(Path(a.sweep_json).parent / "plots") if a.sweep_json else "results/plots")
+    out = a.out_dir or (str(Path(a.sweep_json[0]).parent / "plots") if a.sweep_json else "results/plots")
     written = make_plots(a.sweep_json, out) if a.sweep_json else []
     written += plot_thresholds(a.configs, out) if a.configs else []
     written += plot_histograms(a.dump, out) if a.dump else []

@@ -3,6 +3,7 @@
     python scripts/sweep.py --methods teal,cats,m-countdown --levels 0.3,0.5,0.7 \\
         --tasks arc_easy --limit 200 --ppl-tokens 20000 --out results/sweep_smollm2
     python scripts/plot.py results/sweep_smollm2.json
+    python scripts/sweep.py --methods teal@all,teal@decode --levels 0.5 ...   # both token policies
 
 Each point: calibrate (CoQA stories) -> evaluate (LAMBADA perplexity, lm-eval tasks) with the
 measured per-site sparsity and the effective weight sparsity. The dense model is the first row.
@@ -36,9 +37,11 @@ def run_sweep(model, tokenizer, methods, levels, tasks=(), limit=None, ppl_token
     batches = cal.token_batches(tokenizer, cal.calibration_texts(), n_seqs, seq_len)
     points = [("dense", 0.0)] + [(m, s) for m in methods for s in levels]
     rows = []
-    for method, level in tqdm(points, desc="sweep", unit="point"):
+    for spec, level in tqdm(points, desc="sweep", unit="point"):
+        method, _, policy = spec.partition("@")  # "teal@all": this point under the `all` token policy
         cfg = None if method == "dense" else cal.calibrate(model, batches, progress=False, **METHOD_ARGS[method](level))
-        res = ev.evaluate(model, tokenizer, cfg, tokens, list(tasks), limit, ppl=ppl_tokens > 0, ppl_tokens=ppl_tokens)
+        res = ev.evaluate(model, tokenizer, cfg, policy or tokens, list(tasks), limit, ppl=ppl_tokens > 0,
+                          ppl_tokens=ppl_tokens)
         row = dict(method=method, level=level, tokens=res["tokens"],
                    effective_sparsity=res["effective_weight_sparsity"],
                    perplexity=res.get("perplexity", {}).get("value"))
@@ -72,7 +75,8 @@ def write(rows, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="checkpoints/SmolLM2-135M-Instruct")
-    ap.add_argument("--methods", default="teal,cats,m-countdown")
+    ap.add_argument("--methods", default="teal,cats,m-countdown",
+                    help="comma-separated; name@all or name@decode sets that method's token policy")
     ap.add_argument("--levels", default="0.3,0.5,0.7")
     ap.add_argument("--tasks", default="arc_easy")
     ap.add_argument("--limit", type=int, default=200)
@@ -85,7 +89,8 @@ def main():
     from model import load_model
     from tokenizer import get_tokenizer
     methods = [m for m in a.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHOD_ARGS]
+    bad = [m for m in methods if m.partition("@")[0] not in METHOD_ARGS or m.partition("@")[2] not in
+           ("", "all", "decode")]
     if bad:
         sys.exit(f"error: unknown method(s) {', '.join(bad)}; choose from {', '.join(METHOD_ARGS)}")
     levels = [float(x) for x in a.levels.split(",") if x]

@@ -116,6 +116,13 @@ def test_sweep_writes_csv_and_plots(tmp_path, smollm2):
         assert p.stat().st_size > (1000 if p.suffix == ".png" else 100)
     table = (tmp_path / "plots" / "results.md").read_text().splitlines()
     assert len(table) == 2 + 5 and table[4].startswith("| teal | 0.60 |")
+    # the other token policy for one method, shown with the first sweep (one dense row)
+    rows_all = run_sweep(tiny, tok, ["teal@all"], [0.6], ppl_tokens=200, n_seqs=2, seq_len=32,
+                         out=tmp_path / "sweep_all")
+    assert rows_all[1]["tokens"] == "all" and rows[2]["tokens"] == "decode"
+    make_plots([tmp_path / "sweep.json", tmp_path / "sweep_all.json"], tmp_path / "plots2")
+    table = (tmp_path / "plots2" / "results.md").read_text()
+    assert table.count("| dense |") == 1 and "| teal (all) | 0.60 |" in table and "| teal (decode) | 0.60 |" in table
 
 
 def test_threshold_plots(tmp_path):
