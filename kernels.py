@@ -382,8 +382,6 @@ def input_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shi
     return y if shift is None else y + shift
 
 
-
-
 def attention_splits(B: int, Hkv: int, L: int, device) -> int:
     """Key chunks per (sequence, KV head): enough programs to fill the GPU, fixed per cache size."""
     tn = ATTN_TUNING

@@ -192,6 +192,16 @@ def sweep_gated(copy_gbs):
     return best[1]
 
 
+def thresholds_keeping(q, k, keep):
+    """Per query head, the scaled-score quantile that keeps a `keep` fraction of its scores over
+    the keys k (-inf for keep = 1). q: (B, H, D), k: (B, Hkv, L, D); B = 1."""
+    H, D = q.shape[1], q.shape[2]
+    if keep >= 1.0:
+        return torch.full((H,), -float("inf"), device=q.device)
+    a = torch.einsum("bhd,bhnd->bhn", q.float(), k.float().repeat_interleave(H // k.shape[1], 1)) / D ** 0.5
+    return torch.quantile(a[0], 1 - keep, dim=-1).float()
+
+
 def sweep_attention(copy_gbs):
     """Launch configurations of theta_attention (eager merge: same overhead for every
     configuration), Llama-3-8B heads, 10% of scores kept, 8k and 32k keys."""
@@ -199,18 +209,18 @@ def sweep_attention(copy_gbs):
     B, H, Hkv, D = 1, 32, 8, 128
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
     best = None
-    caches = {L: ([torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)],
-                  [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)])
-              for L in (8192, 32768)}
+    caches = []  # (keys, values, theta, lohi) per cache length, built once for every configuration
+    for L in (8192, 32768):
+        ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        caches.append((ks, vs, thresholds_keeping(q, ks[0], 0.1),
+                       torch.tensor([0, L], dtype=torch.int32, device="cuda")))
     for block_l in (32, 64, 128):
         for pps in (1, 2, 4, 8):
             for warps in (2, 4, 8):
                 kernels.ATTN_TUNING.update(block_l=block_l, programs_per_sm=pps, num_warps=warps)
                 total = 0.0
-                for L, (ks, vs) in caches.items():
-                    a = torch.einsum("bhd,bhnd->bhn", q.float(), ks[0].float().repeat_interleave(H // Hkv, 1))
-                    theta = torch.quantile(a[0] / D ** 0.5, 0.9, dim=-1).float()
-                    lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+                for ks, vs, theta, lohi in caches:
                     total += graph_time(lambda i: kernels.theta_attention(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
                 print(f"attention sweep block_l={block_l} programs_per_sm={pps} warps={warps}: "
                       f"{total * 1e6:.1f} us", flush=True)
@@ -243,8 +253,7 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
             q, ks[i % n_buf], vs[i % n_buf], enable_gqa=True))
         a = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), ks[0].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
         for keep in (1.0, 0.25, 0.1, 0.03):
-            theta = (torch.full((H,), -float("inf"), device="cuda") if keep == 1.0
-                     else torch.quantile(a[0], 1 - keep, dim=-1).float())
+            theta = thresholds_keeping(q[:, :, 0], ks[0], keep)
             kept = a[0] > theta[:, None]
             v_frac = float(kept.view(Hkv, H // Hkv, L).any(1).float().mean())
             sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
