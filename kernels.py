@@ -6,6 +6,11 @@ on CPU. Kernels are registered with torch.library.custom_op (+ fake
 implementation), so `torch.compile(fullgraph=True, mode="reduce-overhead")`
 captures them in the CUDA graph with no graph break.
 
+0. gemv / linear / swiglu: the dense batch-1 decode GEMV (nn.Linear's row-major weights),
+   optionally two weights at once with the SwiGLU product fused (gate and up in one pass).
+   Used by the dense model: measured closer to copy bandwidth than cuBLAS's and inductor's
+   GEMVs on the Llama shapes (BENCHMARKS.md), so dense vs sparse compares two tuned kernels.
+
 1. input_sparse_gemv: y = W ((x - m) * 1[|x - m| > t]) (+ W m), TEAL / SCAP / the down
    projection of CATS and COUNTDOWN. W is stored input-major (wt = W^T, (K, N)
    contiguous), so the weights of one input channel are one contiguous row and a
@@ -13,8 +18,11 @@ captures them in the CUDA graph with no graph break.
    modes are per output column (N,), constant within each BLOCK_N block, so one launch
    serves fused q/k/v with three thresholds. Split K: each K chunk writes an fp32 partial
    sum and the caller adds them in plain PyTorch, which torch.compile fuses into the next
-   op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1..8: a weight row is
-   read if any row of the batch needs it.
+   op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1: each program walks its
+   K chunk in small tiles into a 2-D fp32 accumulator (one reduction at the end) and loads
+   the next tile's x before the current tile's weights, so the x -> mask -> weight-load
+   chain does not serialise. Batch 2..8: tl.dot on 16 padded rows; a weight row is read if
+   any row of the batch needs it.
 
 2. gated_rows: output-sparse GEMV over the rows n of W (output-major, nn.Linear's own
    layout) that a per-row criterion keeps, fused with the MLP's elementwise step:
@@ -32,7 +40,8 @@ captures them in the CUDA graph with no graph break.
    all scores; the merge (plain PyTorch, fused by torch.compile) applies SDC none / exact /
    theta and keeps the row maximum when no score passes. VMC and post-softmax placement
    need every V row or the full denominator first: those configs use sparsity.py's
-   reference path.
+   reference path. decode_attention is the same kernel with every score kept (dense
+   decode attention; V rows loaded with K rows, a lighter merge).
 
 Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs).
 """
@@ -80,6 +89,12 @@ def input_sparse_gemv_ref(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor] 
     return y if shift is None else y + shift
 
 
+def gemv_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor] = None) -> Tensor:
+    """x: (B, K); w1, w2: (N, K). x W1^T, or SiLU(x W1^T) * (x W2^T) with w2. Returns fp32."""
+    y = x.float() @ w1.float().T
+    return y if w2 is None else torch.nn.functional.silu(y) * (x.float() @ w2.float().T)
+
+
 def gated_rows_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: float, mode: int) -> Tensor:
     """x: (B, K); w1, w2: (N, K); p: (B, N). Returns s (B, N) fp32 (see module docstring)."""
     x, p = x.float(), p.float()
@@ -124,6 +139,62 @@ def theta_attention_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lo: int,
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
     @triton.jit
+    def _gemv_kernel(X, W1, W2, Y, K, N, stride_w1, stride_w2, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """Dense batch-1 GEMV over BLOCK_N weight rows (whole K per program, no split): a 2-D
+        fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs = tl.arange(0, BLOCK_K)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            offs_k = k0 + offs
+            k_ok = offs_k < K
+            x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            wm = n_ok[:, None] & k_ok[None, :]
+            w1 = tl.load(W1 + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wm, other=0.0)
+            acc1 += w1.to(tl.float32) * x[None, :]
+            if SWIGLU:
+                w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wm, other=0.0)
+                acc2 += w2.to(tl.float32) * x[None, :]
+        y = tl.sum(acc1, 1)
+        if SWIGLU:
+            y = y / (1.0 + tl.exp(-y)) * tl.sum(acc2, 1)
+        tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _input_sparse_gemv_b1_kernel(X, WT, T, M, Y, K, N, k_per_prog, stride_wk, stride_ys,
+                                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr):
+        """Batch 1: one BLOCK_N block of outputs over one K chunk, walked in BLOCK_K tiles. The
+        next tile's x is loaded before this tile's weights, so the weight load waits only on
+        an x already in registers; products go to a 2-D accumulator (no per-tile reduction)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        t = tl.load(T + pid_n * BLOCK_N)  # uniform within the block (see the batched kernel)
+        m = 0.0
+        if HAS_MODE:
+            m = tl.load(M + pid_n * BLOCK_N)
+        k0 = pid_k * k_per_prog
+        k_end = tl.minimum(k0 + k_per_prog, K)
+        offs = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        x = tl.load(X + k0 + offs, mask=k0 + offs < k_end, other=0.0).to(tl.float32) - m
+        for kk in range(k0, k_end, BLOCK_K):
+            offs_k = kk + offs
+            keep = (tl.abs(x) > t) & (offs_k < k_end)
+            w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :],
+                        other=0.0)
+            nxt = offs_k + BLOCK_K
+            x_next = tl.load(X + nxt, mask=nxt < k_end, other=0.0).to(tl.float32) - m
+            acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+            x = x_next
+        tl.store(Y + pid_k * stride_ys + offs_n, tl.sum(acc, 0), mask=n_ok)
+
+    @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
                                   K_PER_PROG: tl.constexpr, B_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
                                   BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -151,9 +222,7 @@ if triton is not None:
             need = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_K,): any row of the batch
             w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=need[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if B_PAD == 1:
-                acc += tl.sum(tl.reshape(xs, (BLOCK_K,))[:, None] * w.to(tl.float32), axis=0)[None, :]
-            elif DOT_FP32:  # several rows: tl.dot on 16 rows (padding rows are zero); fp32 weights
+            if DOT_FP32:  # several rows: tl.dot on 16 rows (padding rows are zero); fp32 weights
                 acc += tl.dot(xs, w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(xs.to(w.dtype), w)
@@ -214,11 +283,14 @@ if triton is not None:
                                 stride_vb, stride_vh, stride_vl, stride_ab, stride_ah, stride_as,
                                 stride_sb, stride_sh, stride_ss,
                                 REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                                BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+                                BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, DENSE: tl.constexpr,
+                                NORMALIZE: tl.constexpr):
         """One program: one KV head (its REP query heads together) over one chunk of keys.
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Writes the chunk's online-softmax state over kept scores
-        (m_k, l_k, acc) and over all scores (m_a, l_a), the dropped count and the argmax."""
+        (m_k, l_k, acc) and over all scores (m_a, l_a), the dropped count and the argmax.
+        DENSE: every visible score kept (dense decode attention): V rows are loaded with the
+        K rows, only m_k, l_k, acc are written; NORMALIZE (one chunk): acc / l_k, the output."""
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // Hkv
@@ -237,7 +309,9 @@ if triton is not None:
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
-        theta = tl.load(THETA + heads, mask=r_ok, other=float("inf"))
+        theta = tl.full((REP_PAD,), float("-inf"), tl.float32)
+        if not DENSE:
+            theta = tl.load(THETA + heads, mask=r_ok, other=float("inf"))
         m_k = tl.full((REP_PAD,), float("-inf"), tl.float32)
         l_k = tl.zeros((REP_PAD,), tl.float32)
         m_a = tl.full((REP_PAD,), float("-inf"), tl.float32)
@@ -252,23 +326,28 @@ if triton is not None:
             l_ok = offs_l < end
             kt = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :],
                          other=0.0)
+            if DENSE:  # V does not depend on the scores: issue its load with K's
+                vt = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :],
+                             mask=l_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
                 a = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision="ieee")
             else:
                 a = tl.dot(q, tl.trans(kt))
             a = tl.where(l_ok[None, :], a * scale, float("-inf"))  # (REP_PAD, BLOCK_L)
-            # every visible score: max, argmax, exp-sum (SDC exact), dropped count (SDC theta)
-            bm = tl.max(a, 1)
-            barg = tl.argmax(a, 1) + j0
-            arg = tl.where(bm > m_a, barg, arg)
-            m_new = tl.maximum(m_a, bm)
-            l_a = l_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
-            m_a = m_new
-            keep = (a > theta[:, None]) & l_ok[None, :] & r_ok[:, None]
-            n_drop += tl.sum((l_ok[None, :] & ~keep).to(tl.float32), 1)
-            need = tl.max(keep.to(tl.int32), 0) > 0  # (BLOCK_L,): union over the group's heads
-            vt = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=need[:, None] & d_ok[None, :],
-                         other=0.0)
+            keep = l_ok[None, :] & r_ok[:, None]
+            if not DENSE:
+                # every visible score: max, argmax, exp-sum (SDC exact), dropped count (SDC theta)
+                bm = tl.max(a, 1)
+                barg = tl.argmax(a, 1) + j0
+                arg = tl.where(bm > m_a, barg, arg)
+                m_new = tl.maximum(m_a, bm)
+                l_a = l_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+                m_a = m_new
+                keep = keep & (a > theta[:, None])
+                n_drop += tl.sum((l_ok[None, :] & ~keep).to(tl.float32), 1)
+                need = tl.max(keep.to(tl.int32), 0) > 0  # (BLOCK_L,): union over the group's heads
+                vt = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :],
+                             mask=need[:, None] & d_ok[None, :], other=0.0)
             mk_new = tl.maximum(m_k, tl.max(tl.where(keep, a, float("-inf")), 1))
             mk_safe = tl.where(mk_new == float("-inf"), 0.0, mk_new)
             alpha = tl.exp(m_k - mk_safe)
@@ -279,15 +358,18 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_k = mk_new
+        if NORMALIZE:
+            acc = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
         out = b * stride_ab + heads[:, None] * stride_ah + pid_s * stride_as + offs_d[None, :]
         tl.store(ACC + out, acc, mask=r_ok[:, None] & d_ok[None, :])
         st = STATS + b * stride_sb + heads * stride_sh + pid_s * stride_ss
         tl.store(st, m_k, mask=r_ok)
         tl.store(st + 1, l_k, mask=r_ok)
-        tl.store(st + 2, m_a, mask=r_ok)
-        tl.store(st + 3, l_a, mask=r_ok)
-        tl.store(st + 4, n_drop, mask=r_ok)
-        tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
+        if not DENSE:
+            tl.store(st + 2, m_a, mask=r_ok)
+            tl.store(st + 3, l_a, mask=r_ok)
+            tl.store(st + 4, n_drop, mask=r_ok)
+            tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
 
 
 def _num_sms(device) -> int:
@@ -296,24 +378,26 @@ def _num_sms(device) -> int:
     return 4
 
 
-GEMV_TUNING = dict(block_k=512, block_n=64, programs_per_sm=8, num_warps=4)  # sweep: BENCHMARKS.md
-GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2 (sweep: BENCHMARKS.md)
-ATTN_TUNING = dict(block_l=32, programs_per_sm=4, num_warps=2)  # sweep: BENCHMARKS.md
+# Launch configurations, each the best of a sweep on an H100 (BENCHMARKS.md, `scripts/bench.py --sweep`).
+GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # input_sparse_gemv, batch 1
+GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4)  # input_sparse_gemv, batch 2..8
+DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
+SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
+GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
+ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2)  # (decode|theta)_attention
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
     """Split K so that about `programs_per_sm` programs per SM are in flight: a fixed choice
     per shape (no per-token tuning). block_n must keep thresholds uniform within a block
     (see block_n_for)."""
-    tn = dict(GEMV_TUNING, **(tuning or {}))
-    b_pad = 1 if B == 1 else 16  # batch > 1: tl.dot on 16 rows (tensor cores)
-    block_k = tn["block_k"] if B == 1 else min(tn["block_k"], 128)
+    tn = dict(GEMV_TUNING if B == 1 else GEMV_BATCH_TUNING, **(tuning or {}))
+    block_k = tn["block_k"]
     n_blocks = triton.cdiv(N, block_n)
     split = max(1, min(triton.cdiv(K, block_k), (tn["programs_per_sm"] * _num_sms(device)) // n_blocks))
     k_per_prog = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_prog)
-    return dict(B_PAD=b_pad, BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split,
-                num_warps=tn["num_warps"])
+    return dict(BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split, num_warps=tn["num_warps"])
 
 
 def block_n_for(segments, cap=None) -> int:
@@ -341,15 +425,40 @@ if triton is not None:
         split = cfg.pop("split")
         y = torch.empty(split, B, N, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, block_n), split)
-        _input_sparse_gemv_kernel[grid](x, wt, t, m if m is not None else t, y, B, K, N, x.stride(0),
-                                        wt.stride(0), y.stride(0), y.stride(1), HAS_MODE=m is not None,
-                                        DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg)
+        m_ = m if m is not None else t
+        if B == 1:
+            _input_sparse_gemv_b1_kernel[grid](x, wt, t, m_, y, K, N, cfg["K_PER_PROG"], wt.stride(0), y.stride(0),
+                                               BLOCK_K=cfg["BLOCK_K"], BLOCK_N=block_n, HAS_MODE=m is not None,
+                                               num_warps=cfg["num_warps"])
+        else:
+            _input_sparse_gemv_kernel[grid](x, wt, t, m_, y, B, K, N, x.stride(0), wt.stride(0), y.stride(0),
+                                            y.stride(1), B_PAD=16, HAS_MODE=m is not None,
+                                            DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg)
         return y
 
     @input_sparse_gemv_partials.register_fake
     def _(x, wt, t, m, block_n):
         cfg = gemv_launch_config(x.shape[0], x.shape[1], wt.shape[1], block_n, x.device)
         return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
+
+    @torch.library.custom_op("actsparse::gemv", mutates_args=())
+    def gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor]) -> Tensor:
+        """x: (1, K); w1, w2: (N, K) with unit stride along K. Returns x W1^T, or with w2
+        SiLU(x W1^T) * (x W2^T), (1, N) in x's dtype (fp32 accumulation)."""
+        K = x.shape[1]
+        N = w1.shape[0]
+        x = x.contiguous()
+        y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        tn = DENSE_TUNING if w2 is None else SWIGLU_TUNING
+        w2_ = w2 if w2 is not None else w1
+        _gemv_kernel[(triton.cdiv(N, tn["block_n"]),)](
+            x, w1, w2_, y, K, N, w1.stride(0), w2_.stride(0), SWIGLU=w2 is not None, BLOCK_N=tn["block_n"],
+            BLOCK_K=tn["block_k"], STAGES=tn["num_stages"], num_warps=tn["num_warps"])
+        return y
+
+    @gemv.register_fake
+    def _(x, w1, w2):
+        return x.new_empty(1, w1.shape[0])
 
     @torch.library.custom_op("actsparse::gated_rows", mutates_args=())
     def gated_rows(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: float, mode: int) -> Tensor:
@@ -382,44 +491,84 @@ def input_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shi
     return y if shift is None else y + shift
 
 
+def _gemv_ok(x: Tensor, *weights: Tensor) -> bool:
+    """One token of one sequence, on GPU, row-major weights: the dense gemv kernel applies."""
+    return enabled(x) and x.numel() == x.shape[-1] and all(w.stride(-1) == 1 for w in weights)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias); a batch-1 decode step on GPU runs the gemv kernel."""
+    if _gemv_ok(x, weight):
+        y = gemv(x.reshape(1, -1), weight, None).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear) -> Tensor:
+    """SiLU(gate(x)) * up(x); a batch-1 decode step on GPU reads both weights in one kernel
+    (otherwise the modules are called, so forward hooks - calibration's - see them)."""
+    if _gemv_ok(x, gate.weight, up.weight) and gate.bias is None and up.bias is None:
+        return gemv(x.reshape(1, -1), gate.weight, up.weight).view(*x.shape[:-1], gate.weight.shape[0])
+    return torch.nn.functional.silu(gate(x)) * up(x)
+
+
 def attention_splits(B: int, Hkv: int, L: int, device) -> int:
-    """Key chunks per (sequence, KV head): enough programs to fill the GPU, fixed per cache size."""
+    """Key chunks per (sequence, KV head), fixed per cache size L: at least `keys_per_program`
+    cache positions per chunk (a short cache: one chunk, no merge), at most enough chunks to
+    give each SM `programs_per_sm` programs."""
     tn = ATTN_TUNING
-    return max(1, min(triton.cdiv(L, tn["block_l"]), (tn["programs_per_sm"] * _num_sms(device)) // (B * Hkv)))
+    return max(1, min(triton.cdiv(L, tn["keys_per_program"]), (tn["programs_per_sm"] * _num_sms(device)) // (B * Hkv)))
 
 
 if triton is not None:
     @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
-    def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor) -> list[Tensor]:
-        """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32; lohi: (2,)
-        int32, visible keys lo <= j < hi. Returns acc (B, H, splits, D) and stats (B, H, splits, 6)
-        fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax (see theta_attention)."""
+    def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor,
+                                 n_split: int) -> list[Tensor]:
+        """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32, or None for
+        dense attention; lohi: (2,) int32, visible keys lo <= j < hi. Returns acc (B, H, splits, D)
+        and stats (B, H, splits, 6) fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax
+        (see theta_attention). Dense: only m_k, l_k are written, and with one split acc is the
+        normalised output."""
         B, H, D = q.shape
-        Hkv, L = k.shape[1], k.shape[2]
-        n_split = attention_splits(B, Hkv, L, q.device)
+        Hkv = k.shape[1]
         acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
         rep = H // Hkv
         dot_fp32 = q.dtype == torch.float32 or INTERPRET
+        dense = theta is None
         _theta_attention_kernel[(B * Hkv, n_split)](
-            q, k, v, theta, lohi, acc, stats, B, Hkv, n_split, 1.0 / math.sqrt(D),
+            q, k, v, lohi if dense else theta, lohi, acc, stats, B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
             REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
-            BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=dot_fp32, num_warps=ATTN_TUNING["num_warps"])
+            BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=dot_fp32, DENSE=dense, NORMALIZE=dense and n_split == 1,
+            num_warps=ATTN_TUNING["num_warps"])
         return [acc, stats]
 
     @theta_attention_partials.register_fake
-    def _(q, k, v, theta, lohi):
+    def _(q, k, v, theta, lohi, n_split):
         B, H, D = q.shape
-        n_split = attention_splits(B, k.shape[1], k.shape[2], q.device)
         return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32)]
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
+    """Dense decode attention over the visible keys lo <= j < hi of a static cache, split over
+    the keys (flash-decoding); a short cache is one chunk whose output needs no merge.
+    q: (B, H, D); k, v: (B, Hkv, L, D). Returns (B, H, D) fp32."""
+    n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
+    acc, st = theta_attention_partials(q, k, v, None, lohi, n_split)
+    if n_split == 1:
+        return acc[:, :, 0]
+    m, l_ = st[..., 0], st[..., 1]
+    w = torch.exp(m - m.amax(-1, keepdim=True))  # empty chunks: m = -inf -> 0
+    return (acc * w[..., None]).sum(-2) / (l_ * w).sum(-1)[..., None]
 
 
 def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int) -> Tensor:
     """Top-Theta decode attention: the kernel's per-chunk states merged in plain PyTorch
     (torch.compile fuses the merge). Same contract as theta_attention_ref, lo/hi as a tensor."""
-    acc, st = theta_attention_partials(q, k, v, theta, lohi)
+    n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
+    acc, st = theta_attention_partials(q, k, v, theta, lohi, n_split)
     m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
     M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
     w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0
@@ -446,6 +595,19 @@ def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor
 
 
 # ----------------------------------------------------------------------------- layout
+def make_input_major_merged(linears) -> Tensor:
+    """Input-major storage shared by several projections of one input (gate and up): one
+    (K, sum N) buffer, each linear's weight a view of its columns. Returns the (sum N, K)
+    view whose .t() input_sparse_gemv reads in one launch."""
+    wt = torch.cat([lin.weight.detach().t() for lin in linears], dim=1).contiguous()
+    off = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(wt[:, off:off + n].t(), requires_grad=False)
+        off += n
+    return wt.t()
+
+
 def make_input_major(linear: torch.nn.Linear):
     """Store W as (W^T contiguous)^T: the same (out, in) parameter for every dense use
     (cuBLAS takes the transposed layout), while W.t() is the contiguous (in, out) matrix

@@ -2,10 +2,12 @@
 
 Every function here takes the site's config (or None) last. With None it is
 the dense computation, written exactly as a dense model writes it, so a model
-with no sparsity config traces to the dense graph. One deliberate exception:
-with a static cache of >= 1024 positions a decode step's attention on GPU runs
-kernels.theta_attention with every score kept, because the masked SDPA reads the
-whole cache on a few thread blocks (BENCHMARKS.md: 2.4x faster dense decode at 8k).
+with no sparsity config traces to the dense graph. The dense graph itself runs
+tuned kernels on GPU decode steps (the same in a dense and a sparse model): the
+batch-1 GEMVs (model.Linear -> kernels.linear) and the decode attention
+(kernels.decode_attention: split over the keys, where the masked SDPA reads the
+whole static cache on a few thread blocks; 4x faster at 145 cache positions,
+9x at 8k, BENCHMARKS.md).
 
 Sites (model.py)                 function            methods
   attention input (q/k/v input)  sparse_qkv          TEAL, SCAP
@@ -49,7 +51,7 @@ FORMAT = "activation-sparsity/1"
 PROJ_METHODS = ("teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle")
 ATTN_METHODS = ("top-theta", "top-k")
 LINEAR_SITES = ("q", "k", "v", "o", "gate", "up", "down")
-DENSE_KERNEL_MIN_CACHE = 1024  # dense decode attention uses kernels.theta_attention from this cache length on
+DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.decode_attention (bench: A/B)
 
 
 # ----------------------------------------------------------------------------- config objects
@@ -109,6 +111,8 @@ class MLPSparsity:
     predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
     predictor_b: Optional[Tensor] = None  # b: (d_ff,)
     down_kernel: Optional[LinearSite] = None  # t = 0 on the down input: skip exact zeros (kernel path)
+    gate_up_kernel: Optional[LinearSite] = None  # teal / scap: gate and up sites merged per column (kernel path)
+    gate_up_weight: Optional[Tensor] = None  # (2 d_ff, dim) view of the input-major [gate; up] buffer
     kernel_t: float = 0.0  # `threshold` as a Python float for the kernel (no host sync in the graph)
     stats: Optional[dict] = None
 
@@ -175,8 +179,12 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
         return _kernel_mlp(x, ffn, mlp)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
-        g = sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)
-        u = sparse_linear(x, ffn.up, mlp.up, st, "up", dense_rows)
+        if mlp.gate_up_kernel is not None and st is None and kernels.enabled(x) and kernels.is_decode(x):
+            # gate and up share their input: one kernel launch over the [gate; up] rows
+            g, u = _kernel_linear(x, mlp.gate_up_weight, None, mlp.gate_up_kernel).chunk(2, dim=-1)
+        else:
+            g = sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)
+            u = sparse_linear(x, ffn.up, mlp.up, st, "up", dense_rows)
         return sparse_linear(F.silu(g) * u, ffn.down, mlp.down, st, "down", dense_rows)
     if m == "cats":
         # CATS sec. 3 (eq. 3): keep i where |SiLU(g_i)| > t; gate stays dense, up rows and
@@ -233,7 +241,7 @@ def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
     elif m == "d-countdown":
         s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, predictor_logits(x2, mlp), 0.0, 2)
     elif m == "d-countdown-oracle":
-        s = F.silu(ffn.gate(x2)) * ffn.up(x2)
+        s = kernels.swiglu(x2, ffn.gate, ffn.up)
         s = s * topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
     else:
         raise ValueError(f"no fused MLP kernel path for {m!r}")
@@ -268,10 +276,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn=None
     """
     decode_kernel = mask is not None and q.shape[2] == 1 and kernels.enabled(q)
     if attn is None or attn.scores is None:
-        # Dense decode on GPU with a long static cache: the same split-over-keys kernel, every
-        # score kept (masked SDPA reads the whole cache on a few thread blocks). Measured on
-        # H100: 1.14x at 1089 cache positions, 0.93x at 145 (BENCHMARKS.md) -> from 1024 on.
-        if decode_kernel and k.shape[2] >= DENSE_KERNEL_MIN_CACHE:
+        # Dense decode on GPU: the split-over-keys kernel (masked SDPA reads the whole static
+        # cache on a few thread blocks; the kernel is 4x faster at 145 positions, BENCHMARKS.md).
+        if decode_kernel and DENSE_ATTENTION_KERNEL:
             return _kernel_attention(q, k, v, mask)
         return dense_attention(q, k, v, mask)
     if attn.scores.kernel and attn.stats is None and decode_kernel:
@@ -290,7 +297,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     q = q.reshape(B, Hkv, rep * S, D)
     mask = mask.repeat(1, 1, rep, 1) if rep > 1 else mask
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.view(B, H, S, D)
+    return y.reshape(B, H, S, D)  # SDPA's output may follow q's strides (CUDA, fp32)
 
 
 def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_rows=None):
@@ -363,7 +370,7 @@ def _kernel_attention(q, k, v, mask, sc: Optional[AttentionScores] = None, dense
     lo = row.int().argmax()
     lohi = torch.stack([lo, lo + n]).to(torch.int32)
     if sc is None:
-        theta = torch.full((q.shape[1],), -math.inf, device=q.device)
+        return kernels.decode_attention(q[:, :, 0], k, v, lohi).to(q.dtype)[:, :, None]
     else:
         table = sc.thresholds  # (H, N)
         theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
@@ -371,7 +378,7 @@ def _kernel_attention(q, k, v, mask, sc: Optional[AttentionScores] = None, dense
         if dense_rows is not None:
             dense = dense | dense_rows[0]
         theta = torch.where(dense, -math.inf, theta).float()
-    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc] if sc else 0)
+    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc])
     return y.to(q.dtype)[:, :, None]
 
 
@@ -541,35 +548,42 @@ def prepare_kernels(layer, c, force=False):
             sc = attn.scores
             sc.kernel = sc.method == "top-theta" and sc.placement == "pre" and not sc.vmc
         if attn.qkv is not None:
-            sites = attn.qkv
-            dev = layer.attention.wqkv.weight.device
-            cols = lambda f, default: torch.cat([  # noqa: E731
-                torch.full((n,), float(f(s)) if s is not None else default, device=dev)
-                for s, n in zip(sites, attn.sizes)])
-            has_mode = any(s is not None and s.mode is not None for s in sites)
-            shift = None
-            if any(s is not None and s.shift_bias is not None for s in sites):
-                shift = torch.cat([s.shift_bias if (s is not None and s.shift_bias is not None)
-                                   else torch.zeros(n, device=dev) for s, n in zip(sites, attn.sizes)])
-            attn.qkv_kernel = LinearSite(torch.tensor(0.0), shift_bias=shift,
-                                         t_col=cols(lambda s: s.threshold, -1.0),
-                                         m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0)
-                                         if has_mode else None,
-                                         block_n=kernels.block_n_for(attn.sizes))
+            attn.qkv_kernel = _merged_site(attn.qkv, attn.sizes, layer.attention.wqkv.weight.device)
             kernels.make_input_major(layer.attention.wqkv)
         if attn.o is not None:
             _prepare_site(attn.o, layer.attention.wo)
     if mlp is not None:
         ffn = layer.feed_forward
-        if mlp.method in ("teal", "scap"):  # each projection dispatches in sparse_linear
-            for name in ("gate", "up", "down"):
-                if getattr(mlp, name) is not None:
+        if mlp.method in ("teal", "scap"):
+            merged = mlp.gate is not None and mlp.up is not None  # gate and up: one launch (sparse_mlp)
+            for name in ("gate", "up", "down"):  # the others dispatch in sparse_linear
+                if getattr(mlp, name) is not None and (name == "down" or not merged):
                     _prepare_site(getattr(mlp, name), getattr(ffn, name))
+            if merged:
+                mlp.gate_up_kernel = _merged_site((mlp.gate, mlp.up), (c.intermediate_size,) * 2,
+                                                  ffn.gate.weight.device)
+                mlp.gate_up_weight = kernels.make_input_major_merged((ffn.gate, ffn.up))
         else:
             mlp.kernel_t = float(mlp.threshold) if mlp.threshold is not None else 0.0
             mlp.down_kernel = LinearSite(torch.tensor(0.0), t_col=torch.zeros(c.dim, device=ffn.down.weight.device),
                                          block_n=kernels.block_n_for([c.dim]))
             kernels.make_input_major(ffn.down)
+
+
+def _merged_site(sites, sizes, dev) -> LinearSite:
+    """Several sites reading one input (q/k/v; gate/up) as one kernel site: per-column
+    threshold, mode and W m, constant within each block_n block (a dense site: t = -1)."""
+    def cols(f, default):
+        return torch.cat([torch.full((n,), float(f(s)) if s is not None else default, device=dev)
+                          for s, n in zip(sites, sizes)])
+    has_mode = any(s is not None and s.mode is not None for s in sites)
+    shift = None
+    if any(s is not None and s.shift_bias is not None for s in sites):
+        shift = torch.cat([s.shift_bias if (s is not None and s.shift_bias is not None)
+                           else torch.zeros(n, device=dev) for s, n in zip(sites, sizes)])
+    return LinearSite(torch.tensor(0.0), shift_bias=shift, t_col=cols(lambda s: s.threshold, -1.0),
+                      m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0) if has_mode else None,
+                      block_n=kernels.block_n_for(sizes))
 
 
 def _prepare_site(site: LinearSite, linear):

@@ -141,21 +141,22 @@ def graph_time(fn, reps=20) -> float:
     return statistics.median(times)
 
 
-GEMV_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 11008), (11008, 4096)]  # (K in, N out)
+# (K in, N out): Llama-3-8B q/k/v, o, gate+up (one launch), down; Llama-2-7B q/k/v, gate+up, down
+GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 12288), (4096, 22016), (11008, 4096)]
 GEMV_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9]
 
 
 def sweep_gemv(copy_gbs):
-    """Try launch configurations of input_sparse_gemv on the Llama-3-8B shapes."""
+    """Try launch configurations of input_sparse_gemv (batch 1) on the Llama-3-8B shapes."""
     import kernels
     best = None
-    for block_n in (64, 128, 256):
-        for block_k in (256, 512):
-            for pps in (4, 8):
+    for block_n in (64, 128):
+        for block_k in (64, 128, 256):
+            for pps in (2, 4, 8):
                 for warps in (4, 8):
                     tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
                     total = 0.0
-                    for K, N in GEMV_SHAPES[:3]:
+                    for K, N in GEMV_SHAPES[:4]:
                         for s in (0.0, 0.5, 0.9):
                             total += _time_sparse(K, N, s, 1, copy_gbs, tn)
                     print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
@@ -164,6 +165,45 @@ def sweep_gemv(copy_gbs):
     print(f"best launch configuration: {best[1]}", flush=True)
     kernels.GEMV_TUNING.update(best[1])
     return best[1]
+
+
+def sweep_dense(copy_gbs):
+    """Launch configurations of the dense gemv kernel (one weight; two with SwiGLU), batch 1,
+    Llama-3-8B shapes incl. the LM head; each tuning dict is set to its best."""
+    import kernels
+    F = torch.nn.functional
+    best = {}
+    for name, shapes, space in (
+            ("DENSE_TUNING", [(4096, 6144), (4096, 4096), (14336, 4096), (4096, 128256)],
+             [(bn, bk, w, st) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8) for st in (1, 3, 4)]),
+            ("SWIGLU_TUNING", [(4096, 14336)],
+             [(bn, bk, w, st) for bn in (4, 8, 16) for bk in (256, 512) for w in (4, 8) for st in (1, 3)])):
+        tuning = getattr(kernels, name)
+        for bn, bk, w, st in space:
+            tuning.update(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+            total = 0.0
+            for K, N in shapes:
+                ws, _, xs, _ = _gemv_buffers(K, N, 1)
+                n = len(ws)
+                two = name == "SWIGLU_TUNING"
+                total += graph_time(lambda i: kernels.gemv(xs[i % n], ws[i % n], ws[(i + 1) % n] if two else None))
+            print(f"{name} sweep {dict(tuning)}: sum of times {total * 1e6:.1f} us", flush=True)
+            if name not in best or total < best[name][0]:
+                best[name] = (total, dict(tuning))
+        tuning.update(best[name][1])
+        ref = 0.0
+        for K, N in shapes:
+            ws, _, xs, _ = _gemv_buffers(K, N, 1)
+            n = len(ws)
+            if name == "SWIGLU_TUNING":
+                ref += graph_time(lambda i: F.silu(F.linear(xs[i % n], ws[i % n]))
+                                  * F.linear(xs[i % n], ws[(i + 1) % n]))
+            else:
+                ref += graph_time(lambda i: F.linear(xs[i % n], ws[i % n]))
+        ideal = sum(K * N * 2 for K, N in shapes) * (2 if name == "SWIGLU_TUNING" else 1) / (copy_gbs * 1e9)
+        print(f"best {name}: {best[name][1]}: {best[name][0] * 1e6:.1f} us vs cuBLAS (eager) {ref * 1e6:.1f} us, "
+              f"ideal {ideal * 1e6:.1f} us", flush=True)
+    return {k: v[1] for k, v in best.items()}
 
 
 def sweep_gated(copy_gbs):
@@ -268,6 +308,41 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     return rows
 
 
+def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256), kpps=(32, 64, 128, 256, 512, 1024)):
+    """Dense decode attention: kernels.decode_attention (compiled, merge fused) for several
+    `keys_per_program` vs the masked SDPA, Llama-3-8B heads, batch 1, every cache position
+    visible. Sets ATTN_TUNING's keys_per_program to the best summed over the lengths."""
+    import kernels
+    import sparsity as sp
+    B, H, Hkv, D = 1, 32, 8, 128
+    rows, totals = [], {}
+    for L in lengths:
+        n_buf = max(2, int(200e6 // (2 * B * Hkv * L * D * 2)))
+        ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+        vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
+        lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        t_sdpa = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
+        line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by keys_per_program:"
+        for kpp in kpps:
+            kernels.ATTN_TUNING["keys_per_program"] = kpp
+            torch._dynamo.reset()
+            attend = torch.compile(kernels.decode_attention, fullgraph=True)
+            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
+            totals[kpp] = totals.get(kpp, 0.0) + sec
+            rows.append(dict(L=L, keys_per_program=kpp, splits=kernels.attention_splits(B, Hkv, L, q.device),
+                             us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
+            line += f" {kpp}: {sec * 1e6:.1f}"
+        print(line, flush=True)
+        ks = vs = None
+        torch.cuda.empty_cache()
+    best = min(totals, key=totals.get)
+    kernels.ATTN_TUNING["keys_per_program"] = best
+    print(f"best keys_per_program for dense decode attention: {best}", flush=True)
+    return rows
+
+
 _GEMV_BUFS = {}
 
 
@@ -291,8 +366,9 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False):
     n = len(ws)
     thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
     t_col = torch.full((N,), thr, device="cuda")
-    old = dict(kernels.GEMV_TUNING)
-    kernels.GEMV_TUNING.update(tuning or {})
+    tun = kernels.GEMV_TUNING if batch == 1 else kernels.GEMV_BATCH_TUNING
+    old = dict(tun)
+    tun.update(tuning or {})
     block_n = kernels.block_n_for([N])
     gemv = kernels.input_sparse_gemv
     if compiled:  # the partial sums' reduction compiled as in a model (the sweep compares configurations eagerly)
@@ -301,25 +377,32 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False):
     try:
         return graph_time(lambda i: gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
     finally:
-        kernels.GEMV_TUNING.clear()
-        kernels.GEMV_TUNING.update(old)
+        tun.clear()
+        tun.update(old)
 
 
 def bench_gemv(copy_gbs, batch=1):
+    """Input-sparse GEMV vs the dense GEMVs: cuBLAS (F.linear) and, at batch 1, this repo's
+    dense gemv kernel (what the dense model runs); speedup is against the faster of the two."""
+    import kernels
     rows = []
     for K, N in GEMV_SHAPES:
         ws, _, xs, _ = _gemv_buffers(K, N, batch)
         n = len(ws)
-        t_dense = graph_time(lambda i: torch.nn.functional.linear(xs[i % n], ws[i % n]))
+        t_cublas = graph_time(lambda i: torch.nn.functional.linear(xs[i % n], ws[i % n]))
+        t_kernel = graph_time(lambda i: kernels.gemv(xs[i % n], ws[i % n], None)) if batch == 1 else float("inf")
+        t_dense = min(t_cublas, t_kernel)
         for s in GEMV_SPARSITIES:
             t_sp = _time_sparse(K, N, s, batch, copy_gbs, compiled=True)
             ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
-            rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_dense=t_dense * 1e6,
-                             us_ideal=ideal * 1e6, speedup=t_dense / t_sp, vs_ideal=t_sp / ideal))
+            rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_cublas=t_cublas * 1e6,
+                             us_dense_kernel=t_kernel * 1e6, us_ideal=ideal * 1e6, speedup=t_dense / t_sp,
+                             vs_ideal=t_sp / ideal))
             r = rows[-1]
             print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  cuBLAS "
-                  f"{r['us_dense']:7.1f} us  ideal {r['us_ideal']:7.1f} us  speedup {r['speedup']:.2f}x  "
-                  f"time/ideal {r['vs_ideal']:.2f}", flush=True)
+                  f"{r['us_cublas']:7.1f} us  dense kernel {r['us_dense_kernel']:7.1f} us  "
+                  f"ideal {r['us_ideal']:7.1f} us"
+                  f"  speedup {r['speedup']:.2f}x  time/ideal {r['vs_ideal']:.2f}", flush=True)
     return rows
 
 
@@ -344,9 +427,11 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     rows, dense_tok_s = [], None
     for name in names:
         t0 = time.perf_counter()
-        # dense-sdpa: dense with every kernel off, i.e. the masked SDPA for decode attention
-        os.environ["ACTSPARSE_KERNELS"] = "0" if name == "dense-sdpa" else "1"
-        if name in ("dense", "dense-sdpa"):
+        # dense-torch: dense with every kernel off (inductor's / cuBLAS's GEMVs, masked SDPA), as gpt-fast
+        os.environ["ACTSPARSE_KERNELS"] = "0" if name == "dense-torch" else "1"
+        # dense-sdpa: the gemv kernels, but the masked SDPA for decode attention at any cache length
+        sp.DENSE_ATTENTION_KERNEL = name != "dense-sdpa"
+        if name in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
@@ -371,6 +456,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
               f"effective sparsity {eff:.3f}  (dense-equivalent {r['dense_gb_s_equiv']:.0f} GB/s, "
               f"copy {copy_gbs:.0f} GB/s)", flush=True)
     os.environ["ACTSPARSE_KERNELS"] = "1"
+    sp.DENSE_ATTENTION_KERNEL = True
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -386,11 +472,13 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
-    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-sdpa {' '.join(E2E)}")
+    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)}")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
+    ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")
     ap.add_argument("--attention", action="store_true", help="Top-Theta decode attention vs SDPA")
+    ap.add_argument("--dense-attention", action="store_true", help="dense decode attention kernel vs masked SDPA")
     ap.add_argument("--attention-sweep", action="store_true", help="sweep theta_attention launch configurations")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     ap.add_argument("--no-coordinate-descent", action="store_true",
@@ -409,17 +497,20 @@ def main():
               f"limit {r['ideal_tok_s']:6.1f} tok/s  achieved/copy = {r['ratio_to_copy']:.3f}", flush=True)
     tuning = sweep_gemv(copy_gbs) if a.sweep else None
     gated_tuning = sweep_gated(copy_gbs) if a.gated_sweep else None
+    dense_tuning = sweep_dense(copy_gbs) if a.dense_sweep else None
     if a.gemv:
         for b in a.gemv_batch:
             gemv += bench_gemv(copy_gbs, b)
     attn_tuning = sweep_attention(copy_gbs) if a.attention_sweep else None
     attention = bench_attention(copy_gbs) if a.attention else []
+    if a.dense_attention:
+        attention += bench_dense_attention()
     if a.e2e:
         for p in a.presets:
             e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning,
-                                                gated_tuning=gated_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
+                                                gated_tuning=gated_tuning, dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
                                                 e2e=e2e), indent=2))
 
 

@@ -30,7 +30,8 @@ def thresholds_for(x, sparsity, mode=0.0):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("programs_per_sm", [8, 1])  # several K chunks (partial sums) / one chunk of 4 blocks
 def test_input_sparse_gemv(dtype, B, sparsity, programs_per_sm, monkeypatch):
-    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=programs_per_sm))
+    for name in ("GEMV_TUNING", "GEMV_BATCH_TUNING"):
+        monkeypatch.setattr(kernels, name, dict(getattr(kernels, name), block_k=64, programs_per_sm=programs_per_sm))
     K, N = 200, 96  # K not a multiple of BLOCK_K (several K chunks); N: "projections" of 64 and 32
     x = torch.randn(B, K, device=DEVICE).to(dtype)
     wt = torch.randn(K, N, device=DEVICE).to(dtype)
@@ -61,6 +62,44 @@ def test_input_sparse_gemv_mode_shift(B):
         assert rel_err(y, kernels.input_sparse_gemv_ref(x, wt, t, m, shift)) < 1e-4
         if sparsity == 0.0:
             assert rel_err(y, x @ wt) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("K,N", [(200, 77), (1030, 40)])  # one partial K block; several K blocks
+def test_dense_gemv(dtype, swiglu, K, N, monkeypatch):
+    """The dense decode GEMV (and its SwiGLU form) equals x W^T; odd shapes, poisoned output."""
+    monkeypatch.setattr(kernels, "DENSE_TUNING", dict(kernels.DENSE_TUNING, block_k=128))
+    monkeypatch.setattr(kernels, "SWIGLU_TUNING", dict(kernels.SWIGLU_TUNING, block_k=128))
+    x = torch.randn(1, K, device=DEVICE).to(dtype)
+    w1 = torch.randn(N, K, device=DEVICE).to(dtype)
+    w2 = torch.randn(N, K, device=DEVICE).to(dtype) if swiglu else None
+    torch.empty(1, N, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
+    y = kernels.gemv(x, w1, w2)
+    assert y.dtype == dtype and y.shape == (1, N) and not torch.isnan(y).any()
+    assert rel_err(y.float(), kernels.gemv_ref(x, w1, w2)) < TOL[dtype]
+
+
+def test_linear_dispatch(monkeypatch):
+    """kernels.linear / swiglu: the gemv kernel for one token on the kernel path (bias added),
+    F.linear otherwise (several tokens; input-major weights) - same numbers either way."""
+    monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+    F = torch.nn.functional
+    up, gate = torch.nn.Linear(40, 24, bias=True).to(DEVICE), torch.nn.Linear(40, 24, bias=False).to(DEVICE)
+    w, b = up.weight.detach(), up.bias.detach()
+    up.bias = None
+    calls = []
+    real = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        for shape in [(1, 1, 40), (3, 1, 40), (1, 5, 40)]:
+            x = torch.randn(*shape, device=DEVICE)
+            assert rel_err(kernels.linear(x, w, b), F.linear(x, w, b)) < 1e-4
+            assert rel_err(kernels.swiglu(x, gate, up), F.silu(gate(x)) * up(x)) < 1e-4
+        assert len(calls) == 2  # only the (1, 1, K) input took the kernel
+        wt = w.t().contiguous().t()  # input-major layout: not the row-major kernel's
+        assert rel_err(kernels.linear(torch.ones(1, 1, 40, device=DEVICE), wt), wt.sum(1)[None, None]) < 1e-4
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,6 +167,11 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
             if method in ("teal", "scap"):
                 got = sp._kernel_linear(x, layer.attention.wqkv.weight, layer.attention.wqkv.bias, a.qkv_kernel)
                 assert rel_err(got, ref_qkv) < 1e-4
+                # gate and up in one launch over the merged input-major buffer
+                assert f.gate_up_kernel is not None and f.gate.t_col is None
+                monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+                assert rel_err(layer.feed_forward(x), ref_mlp) < 1e-4
+                monkeypatch.delenv("ACTSPARSE_KERNELS")
                 s = torch.randn(B, 1, 96, device=DEVICE)
                 assert rel_err(sp._kernel_linear(s, layer.feed_forward.down.weight, None, f.down),
                                sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
@@ -189,6 +233,24 @@ def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc):
     assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys_per_program", [1000, 64, 16])  # one chunk (normalised in the kernel) / merged
+def test_decode_attention(dtype, keys_per_program, monkeypatch):
+    """Dense decode attention (every score kept) equals the reference over a window lo..hi."""
+    monkeypatch.setattr(kernels, "ATTN_TUNING", dict(kernels.ATTN_TUNING, keys_per_program=keys_per_program))
+    B, H, Hkv, D, L, lo, hi = 2, 6, 2, 24, 300, 5, 201
+    q = torch.randn(B, H, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+    v[:, :, hi:] = float("nan")  # keys past the window must never be read into the result
+    lohi = torch.tensor([lo, hi], dtype=torch.int32, device=DEVICE)
+    y = kernels.decode_attention(q, k, v, lohi)
+    ref = kernels.theta_attention_ref(q, k, v.nan_to_num(0.0), torch.full((H,), -float("inf"), device=DEVICE),
+                                      lo, hi, 0)
+    assert not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("sdc", ["none", "exact", "theta", "dense"])
 def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
     """A decode step of a Top-Theta model (GQA, sliding window) through the kernel equals the
@@ -205,7 +267,6 @@ def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.normal_(0, 0.3)
-    monkeypatch.setattr(sp, "DENSE_KERNEL_MIN_CACHE", 16)  # the tiny cache below takes the kernel path too
     if sdc != "dense":
         cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
                             sdc=sdc, progress=False)
