@@ -284,11 +284,12 @@ if triton is not None:
                                 stride_sb, stride_sh, stride_ss,
                                 REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, DENSE: tl.constexpr,
-                                NORMALIZE: tl.constexpr):
+                                NORMALIZE: tl.constexpr, SDC: tl.constexpr):
         """One program: one KV head (its REP query heads together) over one chunk of keys.
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Writes the chunk's online-softmax state over kept scores
-        (m_k, l_k, acc) and over all scores (m_a, l_a), the dropped count and the argmax.
+        (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
+        SDC mode needs: l_a, the exp-sum over all scores (exact), or the dropped count (theta).
         DENSE: every visible score kept (dense decode attention): V rows are loaded with the
         K rows, only m_k, l_k, acc are written; NORMALIZE (one chunk): acc / l_k, the output."""
         pid_bh = tl.program_id(0)
@@ -341,10 +342,12 @@ if triton is not None:
                 barg = tl.argmax(a, 1) + j0
                 arg = tl.where(bm > m_a, barg, arg)
                 m_new = tl.maximum(m_a, bm)
-                l_a = l_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+                if SDC == 1:
+                    l_a = l_a * tl.exp(m_a - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
                 m_a = m_new
                 keep = keep & (a > theta[:, None])
-                n_drop += tl.sum((l_ok[None, :] & ~keep).to(tl.float32), 1)
+                if SDC == 2:
+                    n_drop += tl.sum((l_ok[None, :] & ~keep).to(tl.float32), 1)
                 need = tl.max(keep.to(tl.int32), 0) > 0  # (BLOCK_L,): union over the group's heads
                 vt = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :],
                              mask=need[:, None] & d_ok[None, :], other=0.0)
@@ -523,12 +526,12 @@ def attention_splits(B: int, Hkv: int, L: int, device) -> int:
 if triton is not None:
     @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
     def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor,
-                                 n_split: int) -> list[Tensor]:
+                                 n_split: int, sdc: int) -> list[Tensor]:
         """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32, or None for
         dense attention; lohi: (2,) int32, visible keys lo <= j < hi. Returns acc (B, H, splits, D)
         and stats (B, H, splits, 6) fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax
-        (see theta_attention). Dense: only m_k, l_k are written, and with one split acc is the
-        normalised output."""
+        (see theta_attention; l_a only for sdc 1, the count only for sdc 2). Dense: only m_k, l_k
+        are written, and with one split acc is the normalised output."""
         B, H, D = q.shape
         Hkv = k.shape[1]
         acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
@@ -542,11 +545,11 @@ if triton is not None:
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
             REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
             BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=dot_fp32, DENSE=dense, NORMALIZE=dense and n_split == 1,
-            num_warps=ATTN_TUNING["num_warps"])
+            SDC=sdc, num_warps=ATTN_TUNING["num_warps"])
         return [acc, stats]
 
     @theta_attention_partials.register_fake
-    def _(q, k, v, theta, lohi, n_split):
+    def _(q, k, v, theta, lohi, n_split, sdc):
         B, H, D = q.shape
         return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32)]
 
@@ -556,7 +559,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
     the keys (flash-decoding); a short cache is one chunk whose output needs no merge.
     q: (B, H, D); k, v: (B, Hkv, L, D). Returns (B, H, D) fp32."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st = theta_attention_partials(q, k, v, None, lohi, n_split)
+    acc, st = theta_attention_partials(q, k, v, None, lohi, n_split, 0)
     if n_split == 1:
         return acc[:, :, 0]
     m, l_ = st[..., 0], st[..., 1]
@@ -568,7 +571,7 @@ def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor
     """Top-Theta decode attention: the kernel's per-chunk states merged in plain PyTorch
     (torch.compile fuses the merge). Same contract as theta_attention_ref, lo/hi as a tensor."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st = theta_attention_partials(q, k, v, theta, lohi, n_split)
+    acc, st = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc)
     m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
     M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
     w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0
