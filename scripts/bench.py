@@ -425,6 +425,11 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
     rows, dense_tok_s = [], None
+    dense_names = ("dense", "dense-torch", "dense-sdpa")
+    first_sparse = next((i for i, n in enumerate(names) if n not in dense_names), len(names))
+    if any(n in dense_names for n in names[first_sparse:]):
+        # a sparse config leaves gate/up/... weights input-major, where dense falls back to F.linear
+        raise SystemExit("bench.py: list the dense rows (dense, dense-torch, dense-sdpa) before the sparse ones")
     for name in names:
         t0 = time.perf_counter()
         # dense-torch: dense with every kernel off (inductor's / cuBLAS's GEMVs, masked SDPA), as gpt-fast
