@@ -5,7 +5,8 @@
 
 Writes model.pth (our parameter names, q/k/v fused), config.json (Hugging Face
 format, the one source of the model's shape) and the tokenizer
-(tokenizer_meta.json + its file). Everything is written into a temporary
+(tokenizer_meta.json + its file; from a GGUF: byte-level BPE vocabularies as
+tiktoken ranks, SentencePiece ones as a tokenizer.model). Everything is written into a temporary
 folder next to the target and renamed at the end, so an interrupted or failed
 conversion never leaves a partial checkpoint.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import re
 import shutil
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -198,6 +200,42 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out, dim)
 
 
+def _pb_varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int32: ten-byte two's complement, as protobuf writes it
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: int/bool -> varint, float -> fixed32, bytes/str -> length-delimited."""
+    if isinstance(value, float):
+        return _pb_varint(field << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bytes, str)):
+        data = value.encode() if isinstance(value, str) else value
+        return _pb_varint(field << 3 | 2) + _pb_varint(len(data)) + data
+    return _pb_varint(field << 3) + _pb_varint(int(value))
+
+
+def sentencepiece_model_bytes(tokens, scores, types, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=True) -> bytes:
+    """A SentencePiece ModelProto for a GGUF 'llama' vocabulary, in protobuf wire format written
+    by hand (protobuf is not a dependency). Field numbers from sentencepiece_model.proto:
+    pieces = 1 (piece 1, score 2, type 3; GGUF token types use the same numbers: 1 normal,
+    2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), trainer_spec = 2 (model_type 3 = BPE 2,
+    vocab_size 4, byte_fallback 35, unk/bos/eos/pad ids 40-43), normalizer_spec = 3 (name 1,
+    add_dummy_prefix 3, remove_extra_whitespaces 4, escape_whitespaces 5) - what Llama-2 and
+    Mistral ship: BPE, identity normaliser, whitespace kept."""
+    pieces = b"".join(_pb(1, _pb(1, t) + _pb(2, float(sc)) + _pb(3, int(ty)))
+                      for t, sc, ty in zip(tokens, scores, types))
+    trainer = (_pb(3, 2) + _pb(4, len(tokens)) + _pb(35, any(int(t) == 6 for t in types))
+               + _pb(40, unk_id) + _pb(41, bos_id) + _pb(42, eos_id) + _pb(43, -1))
+    normalizer = _pb(1, "identity") + _pb(3, add_dummy_prefix) + _pb(4, False) + _pb(5, True)
+    return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
 def convert_gguf(path: Path, dst: Path):
     import gguf
     import numpy as np
@@ -235,9 +273,17 @@ def convert_gguf(path: Path, dst: Path):
             state[f"layers.{i}.{ours}"] = get(p + theirs)
     write_json(dst / "config.json", config)
     torch.save(state, dst / "model.pth")
+    if fields.get("tokenizer.ggml.model") == "llama":  # SentencePiece (Llama-1/2, Mistral)
+        (dst / "tokenizer.model").write_bytes(sentencepiece_model_bytes(
+            fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"], fields["tokenizer.ggml.token_type"],
+            unk_id=fields.get("tokenizer.ggml.unknown_token_id", 0), bos_id=fields.get("tokenizer.ggml.bos_token_id", 1),
+            eos_id=fields.get("tokenizer.ggml.eos_token_id", 2),
+            add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True))))
+        return
     if fields.get("tokenizer.ggml.model") != "gpt2":
         print(f"warning: GGUF tokenizer {fields.get('tokenizer.ggml.model')!r} not converted "
-              "(only byte-level BPE 'gpt2' is); copy a tokenizer.model into the folder", file=sys.stderr)
+              "(SentencePiece 'llama' and byte-level BPE 'gpt2' are); copy a tokenizer.model into the folder",
+              file=sys.stderr)
         return
     tokens = fields["tokenizer.ggml.tokens"]
     types = fields["tokenizer.ggml.token_type"]
