@@ -216,12 +216,14 @@ class Transformer(nn.Module):
             assert self.max_seq_len > 0, "call setup_caches() before a forward with input_pos"
             positions = input_pos
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, max_seq_len)
+        # A GPU decode step: its keys lo <= j < hi, found once for every layer's attention kernel.
+        window = sp.visible_window(mask) if mask is not None and S == 1 and kernels.enabled(idx) else None
         dense_rows = positions < dense_prefix if dense_prefix > 0 else None  # (S,) bool
         cos = self.rope_cos[positions].to(self.output.weight.dtype)
         sin = self.rope_sin[positions].to(self.output.weight.dtype)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, dense_rows)
+            x = layer(x, cos, sin, mask, input_pos, dense_rows, window)
         return self.output(self.norm(x))
 
     @classmethod
@@ -238,8 +240,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, dense_rows)
+    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None, window=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, dense_rows, window)
         return h + self.feed_forward(self.ffn_norm(h), dense_rows)
 
 
@@ -253,7 +255,7 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.sparsity = None  # sparsity.AttentionSparsity or None
 
-    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None):
+    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None, window=None):
         c = self.config
         B, S, _ = x.shape
         # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP). Dense: one fused GEMM.
@@ -266,7 +268,7 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq_len, D)
         # SPARSITY SITE: attention scores (Top-Theta, top-k). Dense: SDPA.
-        y = sp.sparse_attention(q, k, v, mask, input_pos, self.sparsity, dense_rows)  # (B, H, S, D)
+        y = sp.sparse_attention(q, k, v, mask, self.sparsity, dense_rows, window)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, c.q_size)
         # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP).
         if self.sparsity is None:

@@ -268,21 +268,24 @@ def topk_mask(a: Tensor, k: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- attention
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, input_pos, attn=None, dense_rows=None) -> Tensor:
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, attn=None, dense_rows=None, window=None) -> Tensor:
     """Scaled dot-product attention with grouped KV heads.
 
     q: (B, H, S, D); k, v: (B, Hkv, L, D); mask: bool (1, 1, S, L), or None for causal
-    over S == L. Returns (B, H, S, D).
+    over S == L; window: visible_window(mask) of a decode step, if already computed.
+    Returns (B, H, S, D).
     """
     decode_kernel = mask is not None and q.shape[2] == 1 and kernels.enabled(q)
+    if decode_kernel and window is None:
+        window = visible_window(mask)
     if attn is None or attn.scores is None:
         # Dense decode on GPU: the split-over-keys kernel (masked SDPA reads the whole static
         # cache on a few thread blocks; the kernel is 4x faster at 145 positions, BENCHMARKS.md).
         if decode_kernel and DENSE_ATTENTION_KERNEL:
-            return _kernel_attention(q, k, v, mask)
+            return _kernel_attention(q, k, v, window)
         return dense_attention(q, k, v, mask)
     if attn.scores.kernel and attn.stats is None and decode_kernel:
-        return _kernel_attention(q, k, v, mask, attn.scores, dense_rows)
+        return _kernel_attention(q, k, v, window, attn.scores, dense_rows)
     return thresholded_attention(q, k, v, mask, attn.scores, attn.stats, dense_rows)
 
 
@@ -361,18 +364,23 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
     return y.to(q.dtype)
 
 
-def _kernel_attention(q, k, v, mask, sc: Optional[AttentionScores] = None, dense_rows=None):
-    """Decode step on GPU: kernels.theta_attention splits the visible keys over the GPU
-    (the masked SDPA does not) and, for Top-Theta (pre-softmax), reads every K row but only
-    the V rows whose score some head of the KV group keeps. sc None: dense (theta = -inf)."""
-    row = mask[0, 0, 0]  # (L,) the keys this one query row sees: lo <= j < lo + n
-    n = row.sum()
+def visible_window(mask) -> Tensor:
+    """(lo, hi) int32: the keys lo <= j < hi that a decode step's one query row sees
+    (mask (1, 1, 1, L), a causal or sliding window)."""
+    row = mask[0, 0, 0]
     lo = row.int().argmax()
-    lohi = torch.stack([lo, lo + n]).to(torch.int32)
+    return torch.stack([lo, lo + row.sum()]).to(torch.int32)
+
+
+def _kernel_attention(q, k, v, lohi, sc: Optional[AttentionScores] = None, dense_rows=None):
+    """Decode step on GPU: kernels.decode_attention / theta_attention split the visible keys
+    lo <= j < hi over the GPU (the masked SDPA does not); Top-Theta (pre-softmax) reads every
+    K row but only the V rows whose score some head of the KV group keeps."""
     if sc is None:
         return kernels.decode_attention(q[:, :, 0], k, v, lohi).to(q.dtype)[:, :, None]
     else:
         table = sc.thresholds  # (H, N)
+        n = lohi[1] - lohi[0]  # visible keys
         theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
         dense = n <= sc.k
         if dense_rows is not None:
