@@ -4,6 +4,8 @@
     python scripts/bench.py --presets Llama-3-8B Llama-2-7B --new-tokens 128
     python scripts/bench.py --gemv                            # sparse GEMV vs cuBLAS vs ideal
     python scripts/bench.py --e2e dense teal50 cats50 ...     # decode tok/s per method, same run
+    python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel
+    python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
