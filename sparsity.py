@@ -378,14 +378,13 @@ def _kernel_attention(q, k, v, lohi, sc: Optional[AttentionScores] = None, dense
     K row but only the V rows whose score some head of the KV group keeps."""
     if sc is None:
         return kernels.decode_attention(q[:, :, 0], k, v, lohi).to(q.dtype)[:, :, None]
-    else:
-        table = sc.thresholds  # (H, N)
-        n = lohi[1] - lohi[0]  # visible keys
-        theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
-        dense = n <= sc.k
-        if dense_rows is not None:
-            dense = dense | dense_rows[0]
-        theta = torch.where(dense, -math.inf, theta).float()
+    table = sc.thresholds  # (H, N): theta per head and visible length n
+    n = lohi[1] - lohi[0]
+    theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
+    dense = n <= sc.k
+    if dense_rows is not None:
+        dense = dense | dense_rows[0]
+    theta = torch.where(dense, -math.inf, theta).float()
     y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc])
     return y.to(q.dtype)[:, :, None]
 
