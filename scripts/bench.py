@@ -273,24 +273,33 @@ def sweep_attention(copy_gbs):
     return best[1]
 
 
+def _attention_case(L, B=1, H=32, Hkv=8, D=128):
+    """Decode attention over L cache positions, Llama-3-8B heads: rotating KV caches (> 200 MB
+    in all, so L2 never holds them), one query, the window (0, L), and the time of the masked
+    SDPA every position visible (the model's dense decode attention before the kernel)."""
+    import sparsity as sp
+    n_buf = max(2, int(200e6 // (2 * B * Hkv * L * D * 2)))
+    ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+    vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
+    lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    t_sdpa = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
+    return ks, vs, q, lohi, t_sdpa
+
+
 def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     """Top-Theta decode attention (kernels.theta_attention) vs SDPA on the same KV cache,
     Llama-3-8B heads (32 query / 8 KV heads, head_dim 128), batch 1. Thresholds per head at
     the score quantile that keeps `keep` of each head's scores; a V row is read when any of
     the 4 heads sharing it keeps it."""
     import kernels
-    import sparsity as sp
     B, H, Hkv, D = 1, 32, 8, 128
     attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the chunk merge fused, as in a model
     rows = []
     for L in lengths:
-        n_buf = max(2, int(200e6 // (2 * B * Hkv * L * D * 2)))
-        ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
-        vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
-        mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
-        lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-        t_mask = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
+        ks, vs, q, lohi, t_mask = _attention_case(L, B, H, Hkv, D)
+        n_buf = len(ks)
         t_flash = graph_time(lambda i: torch.nn.functional.scaled_dot_product_attention(
             q, ks[i % n_buf], vs[i % n_buf], enable_gqa=True))
         a = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), ks[0].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
@@ -315,17 +324,11 @@ def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256), kpps=(32, 64, 12
     `keys_per_program` vs the masked SDPA, Llama-3-8B heads, batch 1, every cache position
     visible. Sets ATTN_TUNING's keys_per_program to the best summed over the lengths."""
     import kernels
-    import sparsity as sp
-    B, H, Hkv, D = 1, 32, 8, 128
+    B, Hkv = 1, 8
     rows, totals = [], {}
     for L in lengths:
-        n_buf = max(2, int(200e6 // (2 * B * Hkv * L * D * 2)))
-        ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
-        vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
-        mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
-        lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
-        t_sdpa = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
+        ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
+        n_buf = len(ks)
         line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by keys_per_program:"
         for kpp in kpps:
             kernels.ATTN_TUNING["keys_per_program"] = kpp
