@@ -215,8 +215,8 @@ def teal_greedy(model, layer, h_batches, target, base_step=0.05):
     commit the projection whose step least increases the block-output error, until the
     parameter-weighted sparsity sum_j w_j s_j / sum_j w_j reaches the target.
     Thresholds during the search are quantiles of this layer's dense inputs."""
-    cap = captured(model, layer, h_batches, [("inputs", layer.attention, "attn"), ("inputs", layer.attention.wo, "o"),
-                                             ("inputs", layer.feed_forward, "mlp"),
+    cap = captured(model, layer, h_batches, [("outputs", layer.attention_norm, "attn"), ("inputs", layer.attention.wo, "o"),
+                                             ("outputs", layer.ffn_norm, "mlp"),
                                              ("inputs", layer.feed_forward.down, "down")])
     dists = {k: cap.cat(k).abs().flatten() for k in ("attn", "o", "mlp", "down")}
     dists = {k: v[torch.randperm(v.numel(), device=v.device)[:MAX_SAMPLES]].sort().values
@@ -314,7 +314,7 @@ def calibrate(model, batches, method=None, sparsity=0.5, greedy=False, scap=None
         # 1. attention input (q/k/v)
         qkv_names = [n for n in "qkv" if n in targets]
         if qkv_names:
-            x = captured(model, layer, h_batches, [("inputs", attn_mod, "x")]).cat("x")
+            x = captured(model, layer, h_batches, [("outputs", layer.attention_norm, "x")]).cat("x")
             for n, wgt in zip("qkv", (wq, wk, wv)):
                 if n in targets:
                     setattr(attn_sp, n, input_site(n, x, wgt))
@@ -346,7 +346,7 @@ def calibrate(model, batches, method=None, sparsity=0.5, greedy=False, scap=None
         if method in ("teal", "scap"):
             mlp_sp = sp.MLPSparsity(method)
             if "gate" in targets or "up" in targets:
-                x = captured(model, layer, h_batches, [("inputs", ffn, "x")]).cat("x")
+                x = captured(model, layer, h_batches, [("outputs", layer.ffn_norm, "x")]).cat("x")
                 for n in ("gate", "up"):
                     if n in targets:
                         setattr(mlp_sp, n, input_site(n, x, getattr(ffn, n).weight))
@@ -366,7 +366,7 @@ def calibrate(model, batches, method=None, sparsity=0.5, greedy=False, scap=None
                 t = m_countdown_threshold(captured(model, layer, h_batches, [("outputs", ffn.up, "u")]).cat("u"),
                                           sparsity)
             elif method == "d-countdown":
-                cap = captured(model, layer, h_batches, [("inputs", ffn, "x"), ("inputs", ffn.down, "s")])
+                cap = captured(model, layer, h_batches, [("outputs", layer.ffn_norm, "x"), ("inputs", ffn.down, "s")])
                 V, U, b, acc = train_predictor(cap.cat("x"), cap.cat("s"), sparsity, rank)
                 lh["mlp"].update(rank=rank, predictor_accuracy=acc)
                 for name, val in (("v", V), ("u", U), ("b", b)):

@@ -43,6 +43,9 @@ captures them in the CUDA graph with no graph break.
    reference path. decode_attention is the same kernel with every score kept (dense
    decode attention; V rows loaded with K rows, a lighter merge).
 
+4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
+   small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
+
 Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs).
 """
 import math
@@ -89,10 +92,20 @@ def input_sparse_gemv_ref(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor] 
     return y if shift is None else y + shift
 
 
-def gemv_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor] = None) -> Tensor:
-    """x: (B, K); w1, w2: (N, K). x W1^T, or SiLU(x W1^T) * (x W2^T) with w2. Returns fp32."""
-    y = x.float() @ w1.float().T
-    return y if w2 is None else torch.nn.functional.silu(y) * (x.float() @ w2.float().T)
+def rms_norm_ref(x: Tensor, g: Tensor, eps: float) -> Tensor:
+    """RMSNorm(x) * g in fp32 (the fused gemv prologue's function)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+
+
+def gemv_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor] = None, g: Optional[Tensor] = None, eps: float = 0.0,
+             r: Optional[Tensor] = None) -> Tensor:
+    """x: (B, K); w1, w2: (N, K); g: (K,); r: (B, N). [r +] x' W1^T, or SiLU(x' W1^T) * (x' W2^T)
+    with w2, where x' = RMSNorm(x) * g with g, else x. Returns fp32."""
+    x = rms_norm_ref(x, g, eps) if g is not None else x.float()
+    y = x @ w1.float().T
+    y = y if w2 is None else torch.nn.functional.silu(y) * (x @ w2.float().T)
+    return y if r is None else y + r.float()
 
 
 def gated_rows_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: float, mode: int) -> Tensor:
@@ -109,6 +122,18 @@ def gated_rows_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: fl
     else:
         keep, s = p > 0, h1
     return s * keep
+
+
+def rope_kv_update_ref(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      n_heads: int) -> Tensor:
+    """qkv: (B, (H + 2 Hkv) D) one decode token per sequence; cos, sin: (1, D); pos: (1,).
+    Writes RoPE(k) and v into the caches (B', Hkv, L, D) at pos; returns RoPE(q) (B, H, D)."""
+    from model import apply_rope
+    B, Hkv, D = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(B, n_heads + 2 * Hkv, D).split([n_heads, Hkv, Hkv], dim=1)
+    k_cache[:B, :, pos] = apply_rope(k.float(), cos.float(), sin.float()).to(k_cache.dtype)[:, :, None]
+    v_cache[:B, :, pos] = v.to(v_cache.dtype)[:, :, None]
+    return apply_rope(q.float(), cos.float(), sin.float()).to(k_cache.dtype)
 
 
 SDC_MODES = {"none": 0, "exact": 1, "theta": 2}
@@ -139,20 +164,28 @@ def theta_attention_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lo: int,
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(X, W1, W2, Y, K, N, stride_w1, stride_w2, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    def _gemv_kernel(X, W1, W2, G, R, Y, K, N, stride_w1, stride_w2, eps, SWIGLU: tl.constexpr,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
         """Dense batch-1 GEMV over BLOCK_N weight rows (whole K per program, no split): a 2-D
-        fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u."""
+        fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u.
+        NORM: the input is RMSNorm(x) * G. Every program walks all of x anyway, so it sums x^2
+        on the way and scales its dot products by 1/rms at the end (W (x*G) / rms): the norm
+        costs no extra pass and no kernel of its own. RESIDUAL: adds R (the residual stream)."""
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs = tl.arange(0, BLOCK_K)
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        sumsq = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + offs
             k_ok = offs_k < K
             x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:
+                sumsq += x * x
+                x = x * tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             wm = n_ok[:, None] & k_ok[None, :]
             w1 = tl.load(W1 + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wm, other=0.0)
             acc1 += w1.to(tl.float32) * x[None, :]
@@ -160,8 +193,16 @@ if triton is not None:
                 w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wm, other=0.0)
                 acc2 += w2.to(tl.float32) * x[None, :]
         y = tl.sum(acc1, 1)
+        if NORM:
+            inv_rms = 1.0 / tl.sqrt(tl.sum(sumsq, 0) / K + eps)
+            y = y * inv_rms
         if SWIGLU:
-            y = y / (1.0 + tl.exp(-y)) * tl.sum(acc2, 1)
+            y2 = tl.sum(acc2, 1)
+            if NORM:
+                y2 = y2 * inv_rms
+            y = y / (1.0 + tl.exp(-y)) * y2
+        if RESIDUAL:
+            y += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -278,20 +319,57 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _theta_attention_kernel(Q, K, V, THETA, LOHI, ACC, STATS, B, Hkv, n_split, scale,
+    def _rope_kv_kernel(QKV, COS, SIN, POS, Q, KC, VC, H, Hkv, stride_xb, stride_kb, stride_kh, stride_kl,
+                        stride_vb, stride_vh, stride_vl, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        """One program per (sequence, head) of q, k and v: rotate-half RoPE in fp32 on a q head
+        (stored to Q, (B, H, 2 HALF)) or a k head (stored into the K cache at POS); a v head is
+        copied into the V cache."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        o = tl.arange(0, HALF_PAD)
+        ok = o < HALF
+        src = QKV + b * stride_xb + j * 2 * HALF
+        x1 = tl.load(src + o, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + o, mask=ok, other=0.0).to(tl.float32)
+        pos = tl.load(POS)
+        if j < H + Hkv:  # q or k: rotate
+            c1 = tl.load(COS + o, mask=ok, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + HALF + o, mask=ok, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + o, mask=ok, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + HALF + o, mask=ok, other=0.0).to(tl.float32)
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+            if j < H:
+                dst = Q + (b * H + j) * 2 * HALF
+            else:
+                dst = KC + b * stride_kb + (j - H) * stride_kh + pos * stride_kl
+            tl.store(dst + o, y1.to(KC.dtype.element_ty), mask=ok)
+            tl.store(dst + HALF + o, y2.to(KC.dtype.element_ty), mask=ok)
+        else:  # v: copy
+            dst = VC + b * stride_vb + (j - H - Hkv) * stride_vh + pos * stride_vl
+            tl.store(dst + o, x1.to(VC.dtype.element_ty), mask=ok)
+            tl.store(dst + HALF + o, x2.to(VC.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _theta_attention_kernel(Q, K, V, THETA, LOHI, ACC, STATS, COUNT, OUT, B, Hkv, n_split, scale,
                                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
                                 stride_vb, stride_vh, stride_vl, stride_ab, stride_ah, stride_as,
                                 stride_sb, stride_sh, stride_ss,
                                 REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, DENSE: tl.constexpr,
-                                NORMALIZE: tl.constexpr, SDC: tl.constexpr):
+                                NORMALIZE: tl.constexpr, MERGE: tl.constexpr, SDC: tl.constexpr):
         """One program: one KV head (its REP query heads together) over one chunk of keys.
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Writes the chunk's online-softmax state over kept scores
         (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
         SDC mode needs: l_a, the exp-sum over all scores (exact), or the dropped count (theta).
         DENSE: every visible score kept (dense decode attention): V rows are loaded with the
-        K rows, only m_k, l_k, acc are written; NORMALIZE (one chunk): acc / l_k, the output."""
+        K rows, only m_k, l_k, acc are written; NORMALIZE (one chunk): acc / l_k, the output.
+        MERGE (dense, several chunks): the program that finishes last for its (sequence, KV head)
+        - an atomic counter per pair tells it - merges every chunk's state and writes the
+        normalised output into OUT, then resets the counter (no merge kernels). NORMALIZE and
+        MERGE write OUT (B, H, D) in q's dtype, the layout the o projection reads.
+        """
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // Hkv
@@ -361,18 +439,45 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_k = mk_new
-        if NORMALIZE:
+        out_rows = OUT + (b * Hkv * REP + heads[:, None]) * D + offs_d[None, :]  # (B, H, D), q's dtype
+        if NORMALIZE:  # one chunk: the output itself
             acc = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
-        out = b * stride_ab + heads[:, None] * stride_ah + pid_s * stride_as + offs_d[None, :]
-        tl.store(ACC + out, acc, mask=r_ok[:, None] & d_ok[None, :])
-        st = STATS + b * stride_sb + heads * stride_sh + pid_s * stride_ss
-        tl.store(st, m_k, mask=r_ok)
-        tl.store(st + 1, l_k, mask=r_ok)
-        if not DENSE:
-            tl.store(st + 2, m_a, mask=r_ok)
-            tl.store(st + 3, l_a, mask=r_ok)
-            tl.store(st + 4, n_drop, mask=r_ok)
-            tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
+            tl.store(out_rows, acc.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        else:
+            out = b * stride_ab + heads[:, None] * stride_ah + pid_s * stride_as + offs_d[None, :]
+            tl.store(ACC + out, acc, mask=r_ok[:, None] & d_ok[None, :])
+            st = STATS + b * stride_sb + heads * stride_sh + pid_s * stride_ss
+            tl.store(st, m_k, mask=r_ok)
+            tl.store(st + 1, l_k, mask=r_ok)
+            if not DENSE:
+                tl.store(st + 2, m_a, mask=r_ok)
+                tl.store(st + 3, l_a, mask=r_ok)
+                tl.store(st + 4, n_drop, mask=r_ok)
+                tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
+            if MERGE:
+                # Every thread's stores above happen before the counter's release (the barrier), and
+                # the last program's loads below after its acquire; .cg reads from L2, not a stale L1.
+                tl.debug_barrier()
+                done = tl.atomic_add(COUNT + pid_bh, 1, sem="acq_rel")
+                if done == n_split - 1:
+                    m = tl.full((REP_PAD,), float("-inf"), tl.float32)
+                    den = tl.zeros((REP_PAD,), tl.float32)
+                    num = tl.zeros((REP_PAD, D_PAD), tl.float32)
+                    for s in range(0, n_split):
+                        st = STATS + b * stride_sb + heads * stride_sh + s * stride_ss
+                        m_s = tl.load(st, mask=r_ok, other=float("-inf"), cache_modifier=".cg")
+                        l_s = tl.load(st + 1, mask=r_ok, other=0.0, cache_modifier=".cg")
+                        a_s = tl.load(ACC + b * stride_ab + heads[:, None] * stride_ah + s * stride_as + offs_d[None, :],
+                                      mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m, m_s)
+                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no chunk seen a key yet
+                        w_old, w_s = tl.exp(m - m_safe), tl.exp(m_s - m_safe)
+                        den = den * w_old + l_s * w_s
+                        num = num * w_old[:, None] + a_s * w_s[:, None]
+                        m = m_new
+                    y = num / tl.where(den == 0, 1.0, den)[:, None]
+                    tl.store(out_rows, y.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+                    tl.store(COUNT + pid_bh, 0)
 
 
 def _num_sms(device) -> int:
@@ -388,6 +493,7 @@ DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
 SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
 ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2)  # (decode|theta)_attention
+DENSE_ATTN_TUNING = dict(keys_per_program=128, programs_per_sm=1)  # decode_attention's key chunks (chunks merged in-kernel)
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -445,9 +551,11 @@ if triton is not None:
         return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
 
     @torch.library.custom_op("actsparse::gemv", mutates_args=())
-    def gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor]) -> Tensor:
-        """x: (1, K); w1, w2: (N, K) with unit stride along K. Returns x W1^T, or with w2
-        SiLU(x W1^T) * (x W2^T), (1, N) in x's dtype (fp32 accumulation)."""
+    def gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor] = None, eps: float = 0.0,
+             r: Optional[Tensor] = None) -> Tensor:
+        """x: (1, K); w1, w2: (N, K) with unit stride along K; g: (K,) RMSNorm weight; r: (1, N).
+        Returns [r +] x' W1^T, or with w2 [r +] SiLU(x' W1^T) * (x' W2^T), where x' = RMSNorm(x) * g
+        (eps inside the root) with g, else x; (1, N) in x's dtype (fp32 accumulation)."""
         K = x.shape[1]
         N = w1.shape[0]
         x = x.contiguous()
@@ -455,12 +563,14 @@ if triton is not None:
         tn = DENSE_TUNING if w2 is None else SWIGLU_TUNING
         w2_ = w2 if w2 is not None else w1
         _gemv_kernel[(triton.cdiv(N, tn["block_n"]),)](
-            x, w1, w2_, y, K, N, w1.stride(0), w2_.stride(0), SWIGLU=w2 is not None, BLOCK_N=tn["block_n"],
-            BLOCK_K=tn["block_k"], STAGES=tn["num_stages"], num_warps=tn["num_warps"])
+            x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
+            w1.stride(0), w2_.stride(0), float(eps), SWIGLU=w2 is not None, NORM=g is not None,
+            RESIDUAL=r is not None, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"], STAGES=tn["num_stages"],
+            num_warps=tn["num_warps"])
         return y
 
     @gemv.register_fake
-    def _(x, w1, w2):
+    def _(x, w1, w2, g=None, eps=0.0, r=None):
         return x.new_empty(1, w1.shape[0])
 
     @torch.library.custom_op("actsparse::gated_rows", mutates_args=())
@@ -499,39 +609,69 @@ def _gemv_ok(x: Tensor, *weights: Tensor) -> bool:
     return enabled(x) and x.numel() == x.shape[-1] and all(w.stride(-1) == 1 for w in weights)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """F.linear(x, weight, bias); a batch-1 decode step on GPU runs the gemv kernel."""
-    if _gemv_ok(x, weight):
-        y = gemv(x.reshape(1, -1), weight, None).view(*x.shape[:-1], weight.shape[0])
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
+           residual: Optional[Tensor] = None) -> Tensor:
+    """[residual +] F.linear(norm(x), weight, bias) (norm: an RMSNorm module with .weight, .eps,
+    or None). A batch-1 decode step on GPU runs it all in the gemv kernel: the norm in its
+    prologue, the residual add in its epilogue (no kernels of their own)."""
+    if _gemv_ok(x, weight) and (residual is None or residual.numel() == weight.shape[0]):
+        y = gemv(x.reshape(1, -1), weight, None, norm.weight if norm is not None else None,
+                 norm.eps if norm is not None else 0.0, residual.reshape(1, -1) if residual is not None else None)
+        y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
-    return torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(norm(x) if norm is not None else x, weight, bias)
+    return y if residual is None else residual + y
 
 
-def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear) -> Tensor:
-    """SiLU(gate(x)) * up(x); a batch-1 decode step on GPU reads both weights in one kernel
-    (otherwise the modules are called, so forward hooks - calibration's - see them)."""
+def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear, norm=None) -> Tensor:
+    """SiLU(gate(x')) * up(x'), x' = norm(x) (or x); a batch-1 decode step on GPU reads both
+    weights in one kernel, the norm in its prologue (otherwise the modules are called, so
+    forward hooks - calibration's - see them)."""
     if _gemv_ok(x, gate.weight, up.weight) and gate.bias is None and up.bias is None:
-        return gemv(x.reshape(1, -1), gate.weight, up.weight).view(*x.shape[:-1], gate.weight.shape[0])
+        return gemv(x.reshape(1, -1), gate.weight, up.weight, norm.weight if norm is not None else None,
+                    norm.eps if norm is not None else 0.0).view(*x.shape[:-1], gate.weight.shape[0])
+    x = norm(x) if norm is not None else x
     return torch.nn.functional.silu(gate(x)) * up(x)
 
 
-def attention_splits(B: int, Hkv: int, L: int, device) -> int:
+def attention_splits(B: int, Hkv: int, L: int, device, dense: bool = False) -> int:
     """Key chunks per (sequence, KV head), fixed per cache size L: at least `keys_per_program`
     cache positions per chunk (a short cache: one chunk, no merge), at most enough chunks to
-    give each SM `programs_per_sm` programs."""
-    tn = ATTN_TUNING
+    give each SM `programs_per_sm` programs (DENSE_ATTN_TUNING's for decode_attention)."""
+    tn = dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
     return max(1, min(triton.cdiv(L, tn["keys_per_program"]), (tn["programs_per_sm"] * _num_sms(device)) // (B * Hkv)))
 
 
 if triton is not None:
+    @torch.library.custom_op("actsparse::rope_kv_update", mutates_args=("k_cache", "v_cache"))
+    def rope_kv_update(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                       n_heads: int) -> Tensor:
+        """See rope_kv_update_ref (same arguments, same effect); one launch."""
+        B = qkv.shape[0]
+        Hkv, D = k_cache.shape[1], k_cache.shape[3]
+        assert D % 2 == 0 and qkv.shape[1] == (n_heads + 2 * Hkv) * D and qkv.stride(1) == 1
+        assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+        q = torch.empty(B, n_heads, D, dtype=k_cache.dtype, device=qkv.device)
+        _rope_kv_kernel[(B, n_heads + 2 * Hkv)](
+            qkv, cos.contiguous(), sin.contiguous(), pos, q, k_cache, v_cache, n_heads, Hkv, qkv.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), num_warps=1)
+        return q
+
+    @rope_kv_update.register_fake
+    def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads):
+        return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[3], dtype=k_cache.dtype)
+
     @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
     def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor,
                                  n_split: int, sdc: int) -> list[Tensor]:
         """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32, or None for
-        dense attention; lohi: (2,) int32, visible keys lo <= j < hi. Returns acc (B, H, splits, D)
+        dense attention; lohi: int32, visible keys lo <= j < hi, then (dense, several splits)
+        B * Hkv zeroed counters (sparsity.visible_window). Returns acc (B, H, splits, D)
         and stats (B, H, splits, 6) fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax
         (see theta_attention; l_a only for sdc 1, the count only for sdc 2). Dense: only m_k, l_k
-        are written, and with one split acc is the normalised output."""
+        are written, and the third output, out (B, H, D) in q's dtype, is the attention output
+        (merged in-kernel if several splits; empty unless dense)."""
         B, H, D = q.shape
         Hkv = k.shape[1]
         acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
@@ -539,39 +679,42 @@ if triton is not None:
         rep = H // Hkv
         dot_fp32 = q.dtype == torch.float32 or INTERPRET
         dense = theta is None
+        merge = dense and n_split > 1
+        if merge and lohi.numel() < 2 + B * Hkv:
+            raise ValueError(f"decode_attention: lohi has {lohi.numel()} entries; merging key chunks needs lo, hi "
+                             f"and {B * Hkv} zeroed counters after them (sparsity.visible_window(mask, B * Hkv))")
+        out = q.new_empty((B, H, D) if dense else (0,))
         _theta_attention_kernel[(B * Hkv, n_split)](
-            q, k, v, lohi if dense else theta, lohi, acc, stats, B, Hkv, n_split, 1.0 / math.sqrt(D),
+            q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if dense else acc, B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
             REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
             BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=dot_fp32, DENSE=dense, NORMALIZE=dense and n_split == 1,
-            SDC=sdc, num_warps=ATTN_TUNING["num_warps"])
-        return [acc, stats]
+            MERGE=merge, SDC=sdc, num_warps=ATTN_TUNING["num_warps"])
+        return [acc, stats, out]
 
     @theta_attention_partials.register_fake
     def _(q, k, v, theta, lohi, n_split, sdc):
         B, H, D = q.shape
-        return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32)]
+        return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32),
+                q.new_empty((B, H, D) if theta is None else (0,))]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
     """Dense decode attention over the visible keys lo <= j < hi of a static cache, split over
-    the keys (flash-decoding); a short cache is one chunk whose output needs no merge.
-    q: (B, H, D); k, v: (B, Hkv, L, D). Returns (B, H, D) fp32."""
-    n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st = theta_attention_partials(q, k, v, None, lohi, n_split, 0)
-    if n_split == 1:
-        return acc[:, :, 0]
-    m, l_ = st[..., 0], st[..., 1]
-    w = torch.exp(m - m.amax(-1, keepdim=True))  # empty chunks: m = -inf -> 0
-    return (acc * w[..., None]).sum(-2) / (l_ * w).sum(-1)[..., None]
+    the keys (flash-decoding); a short cache is one chunk whose output needs no merge, longer
+    ones are merged by the program that finishes last (lohi: lo, hi, then B * Hkv zeroed
+    counters, see sparsity.visible_window). q: (B, H, D); k, v: (B, Hkv, L, D).
+    Returns (B, H, D) in q's dtype."""
+    n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device, dense=True)
+    return theta_attention_partials(q, k, v, None, lohi, n_split, 0)[2]  # merged in-kernel
 
 
 def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int) -> Tensor:
     """Top-Theta decode attention: the kernel's per-chunk states merged in plain PyTorch
     (torch.compile fuses the merge). Same contract as theta_attention_ref, lo/hi as a tensor."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc)
+    acc, st, _ = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc)
     m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
     M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
     w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0

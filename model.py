@@ -217,14 +217,15 @@ class Transformer(nn.Module):
             positions = input_pos
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, max_seq_len)
         # A GPU decode step: its keys lo <= j < hi, found once for every layer's attention kernel.
-        window = sp.visible_window(mask) if mask is not None and S == 1 and kernels.enabled(idx) else None
+        decode_kernels = mask is not None and S == 1 and kernels.enabled(idx)
+        window = sp.visible_window(mask, B * self.config.n_kv_heads) if decode_kernels else None
         dense_rows = positions < dense_prefix if dense_prefix > 0 else None  # (S,) bool
         cos = self.rope_cos[positions].to(self.output.weight.dtype)
         sin = self.rope_sin[positions].to(self.output.weight.dtype)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, dense_rows, window)
-        return self.output(self.norm(x))
+        return self.output(x, norm=self.norm)  # output(norm(x))
 
     @classmethod
     def from_preset(cls, name: str) -> "Transformer":
@@ -241,8 +242,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, cos, sin, mask, input_pos, dense_rows=None, window=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, dense_rows, window)
-        return h + self.feed_forward(self.ffn_norm(h), dense_rows)
+        # h = x + attention(attention_norm(x)); returns h + feed_forward(ffn_norm(h)). Each
+        # sublayer gets its norm and adds its own residual, so that a dense GPU decode step runs
+        # the RMSNorm inside its first GEMV and the residual add inside its last one.
+        h = self.attention(x, self.attention_norm, cos, sin, mask, input_pos, dense_rows, window)
+        return self.feed_forward(h, self.ffn_norm, dense_rows)
 
 
 class Attention(nn.Module):
@@ -255,25 +259,36 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.sparsity = None  # sparsity.AttentionSparsity or None
 
-    def forward(self, x, cos, sin, mask, input_pos, dense_rows=None, window=None):
+    def forward(self, x, norm, cos, sin, mask, input_pos, dense_rows=None, window=None):
+        """x + attention(norm(x)); x: (B, S, dim) the residual stream."""
         c = self.config
         B, S, _ = x.shape
-        # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP). Dense: one fused GEMM.
-        qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(B, S, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = k.view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = v.view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq_len, D)
+        if self.sparsity is None or self.sparsity.qkv is None:
+            qkv = self.wqkv(x, norm=norm)  # wqkv(norm(x)): one fused GEMM (on GPU decode, norm included)
+        else:
+            # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP).
+            qkv = sp.sparse_qkv(norm(x), self.wqkv, self.sparsity, dense_rows)
+        if window is not None and self.kv_cache is not None:
+            # GPU decode step: RoPE on q and k, and k, v written into the cache at input_pos, in one kernel.
+            cache = self.kv_cache
+            q = kernels.rope_kv_update(qkv.reshape(B, -1), cos, sin, input_pos, cache.k_cache, cache.v_cache,
+                                       c.n_heads)[:, :, None]  # (B, H, 1, D)
+            k, v = cache.k_cache[:B], cache.v_cache[:B]
+        else:
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = q.view(B, S, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, S, D)
+            k = k.view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+            v = v.view(B, S, c.n_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.kv_cache is not None and input_pos is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, max_seq_len, D)
         # SPARSITY SITE: attention scores (Top-Theta, top-k). Dense: SDPA.
         y = sp.sparse_attention(q, k, v, mask, self.sparsity, dense_rows, window)  # (B, H, S, D)
         y = y.transpose(1, 2).reshape(B, S, c.q_size)
+        if self.sparsity is None or self.sparsity.o is None:
+            return self.wo(y, residual=x)  # x + wo(y)
         # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP).
-        if self.sparsity is None:
-            return self.wo(y)
-        return sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows)
+        return x + sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows)
 
 
 class FeedForward(nn.Module):
@@ -286,20 +301,25 @@ class FeedForward(nn.Module):
         self.down = Linear(config.intermediate_size, config.dim, bias=False)
         self.sparsity = None  # sparsity.MLPSparsity or None
 
-    def forward(self, x, dense_rows=None):
+    def forward(self, x, norm, dense_rows=None):
+        """x + mlp(norm(x)); x: (B, S, dim) the residual stream."""
         if self.sparsity is None:
-            return self.down(kernels.swiglu(x, self.gate, self.up))  # SiLU(gate(x)) * up(x)
+            # SiLU(gate(norm(x))) * up(norm(x)), then x + down(.); on GPU decode two kernels in all.
+            return self.down(kernels.swiglu(x, self.gate, self.up, norm), residual=x)
         # SPARSITY SITES: MLP input (gate/up input) and MLP intermediate (down input);
         # which activations are zeroed is the method's choice, see sparsity.sparse_mlp.
-        return sp.sparse_mlp(x, self, self.sparsity, dense_rows)
+        return x + sp.sparse_mlp(norm(x), self, self.sparsity, dense_rows)
 
 
 class Linear(nn.Linear):
     """nn.Linear whose batch-1 decode step on GPU runs kernels.gemv (a tuned GEMV, measured
-    closer to copy bandwidth than cuBLAS's and inductor's on the Llama shapes); F.linear otherwise."""
+    closer to copy bandwidth than cuBLAS's and inductor's on the Llama shapes, with the RMSNorm
+    before it and the residual add after it fused in); F.linear otherwise."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, norm=None, residual: Optional[Tensor] = None) -> Tensor:
+        """[residual +] linear(norm(x)); norm (an RMSNorm) and residual are folded into the
+        kernel on the GPU decode path."""
+        return kernels.linear(x, self.weight, self.bias, norm, residual)
 
 
 class RMSNorm(nn.Module):

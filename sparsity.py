@@ -272,12 +272,12 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask, attn=None, dense_row
     """Scaled dot-product attention with grouped KV heads.
 
     q: (B, H, S, D); k, v: (B, Hkv, L, D); mask: bool (1, 1, S, L), or None for causal
-    over S == L; window: visible_window(mask) of a decode step, if already computed.
+    over S == L; window: visible_window(mask, B * Hkv) of a decode step, if already computed.
     Returns (B, H, S, D).
     """
     decode_kernel = mask is not None and q.shape[2] == 1 and kernels.enabled(q)
     if decode_kernel and window is None:
-        window = visible_window(mask)
+        window = visible_window(mask, q.shape[0] * k.shape[1])
     if attn is None or attn.scores is None:
         # Dense decode on GPU: the split-over-keys kernel (masked SDPA reads the whole static
         # cache on a few thread blocks; the kernel is 4x faster at 145 positions, BENCHMARKS.md).
@@ -364,12 +364,15 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
     return y.to(q.dtype)
 
 
-def visible_window(mask) -> Tensor:
-    """(lo, hi) int32: the keys lo <= j < hi that a decode step's one query row sees
-    (mask (1, 1, 1, L), a causal or sliding window)."""
+def visible_window(mask, n_counters: int) -> Tensor:
+    """int32 (2 + n_counters,): lo, hi - the keys lo <= j < hi that a decode step's one query
+    row sees (mask (1, 1, 1, L), a causal or sliding window) - then n_counters zeros, one per
+    (sequence, KV head), that the dense attention kernel counts its finished key chunks in (and
+    leaves at zero, so every layer of the step can use them)."""
     row = mask[0, 0, 0]
     lo = row.int().argmax()
-    return torch.stack([lo, lo + row.sum()]).to(torch.int32)
+    return torch.cat([torch.stack([lo, lo + row.sum()]).to(torch.int32),
+                      torch.zeros(n_counters, dtype=torch.int32, device=row.device)])
 
 
 def _kernel_attention(q, k, v, lohi, sc: Optional[AttentionScores] = None, dense_rows=None):

@@ -283,7 +283,7 @@ def _attention_case(L, B=1, H=32, Hkv=8, D=128):
     vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(n_buf)]
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device="cuda")
-    lohi = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    lohi = torch.tensor([0, L] + [0] * (B * Hkv), dtype=torch.int32, device="cuda")  # + merge counters
     t_sdpa = graph_time(lambda i: sp.dense_attention(q, ks[i % n_buf], vs[i % n_buf], mask))
     return ks, vs, q, lohi, t_sdpa
 
@@ -319,32 +319,38 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     return rows
 
 
-def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256), kpps=(32, 64, 128, 256, 512, 1024)):
-    """Dense decode attention: kernels.decode_attention (compiled, merge fused) for several
-    `keys_per_program` vs the masked SDPA, Llama-3-8B heads, batch 1, every cache position
-    visible. Sets ATTN_TUNING's keys_per_program to the best summed over the lengths."""
+def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256), kpps=(32, 64, 128, 256, 512), ppss=(1, 2, 4)):
+    """Dense decode attention: kernels.decode_attention (compiled; chunks merged in-kernel) for
+    several (keys_per_program, programs_per_sm) vs the masked SDPA, Llama-3-8B heads, batch 1,
+    every cache position visible. Sets DENSE_ATTN_TUNING to the pair whose time relative to the best
+    pair at each length sums lowest (a raw sum would let the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
-    rows, totals = [], {}
+    rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
-        line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by keys_per_program:"
+        line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, programs_per_sm):"
         for kpp in kpps:
-            kernels.ATTN_TUNING["keys_per_program"] = kpp
-            torch._dynamo.reset()
-            attend = torch.compile(kernels.decode_attention, fullgraph=True)
-            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
-            totals[kpp] = totals.get(kpp, 0.0) + sec
-            rows.append(dict(L=L, keys_per_program=kpp, splits=kernels.attention_splits(B, Hkv, L, q.device),
-                             us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
-            line += f" {kpp}: {sec * 1e6:.1f}"
+            for pps in ppss:
+                kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps)
+                torch._dynamo.reset()
+                attend = torch.compile(kernels.decode_attention, fullgraph=True)
+                sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
+                times[L, kpp, pps] = sec
+                splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
+                rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, splits=splits, us=sec * 1e6,
+                                 us_sdpa_mask=t_sdpa * 1e6))
+                line += f" ({kpp},{pps}): {sec * 1e6:.1f} [{splits}]"
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
-    best = min(totals, key=totals.get)
-    kernels.ATTN_TUNING["keys_per_program"] = best
-    print(f"best keys_per_program for dense decode attention: {best}", flush=True)
+    score = {(kpp, pps): sum(times[L, kpp, pps] / min(t for (l2, _, _), t in times.items() if l2 == L) for L in lengths)
+             for kpp in kpps for pps in ppss}
+    kpp, pps = min(score, key=score.get)
+    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps)
+    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps} "
+          f"(sum of time / best time per length {score[kpp, pps]:.2f} over {len(lengths)} lengths)", flush=True)
     return rows
 
 

@@ -65,22 +65,31 @@ def test_input_sparse_gemv_mode_shift(B):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("swiglu", [False, True])
+# RMSNorm prologue / residual epilogue as the model uses them (no residual after gate/up)
+@pytest.mark.parametrize("swiglu,fused", [(False, ""), (False, "norm"), (False, "norm+residual"), (False, "residual"),
+                                          (True, ""), (True, "norm")])
 @pytest.mark.parametrize("K,N", [(200, 77), (1030, 40)])  # one partial K block; several K blocks
-def test_dense_gemv(dtype, swiglu, K, N, monkeypatch):
-    """The dense decode GEMV (and its SwiGLU form) equals x W^T; odd shapes, poisoned output."""
+def test_dense_gemv(dtype, swiglu, fused, K, N, monkeypatch):
+    """The dense decode GEMV (and its SwiGLU form) equals x W^T; with the RMSNorm folded in,
+    RMSNorm(x) g W^T (+ residual); odd shapes, poisoned output."""
     monkeypatch.setattr(kernels, "DENSE_TUNING", dict(kernels.DENSE_TUNING, block_k=128))
     monkeypatch.setattr(kernels, "SWIGLU_TUNING", dict(kernels.SWIGLU_TUNING, block_k=128))
-    x = torch.randn(1, K, device=DEVICE).to(dtype)
+    x = (3 * torch.randn(1, K, device=DEVICE)).to(dtype)  # rms 3: the norm must matter
     w1 = torch.randn(N, K, device=DEVICE).to(dtype)
     w2 = torch.randn(N, K, device=DEVICE).to(dtype) if swiglu else None
+    g = torch.rand(K, device=DEVICE).add(0.5).to(dtype) if "norm" in fused else None
+    r = (10 * torch.randn(1, N, device=DEVICE)).to(dtype) if "residual" in fused else None
     torch.empty(1, N, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
-    y = kernels.gemv(x, w1, w2)
+    y = kernels.gemv(x, w1, w2, g, 1e-5, r)
     assert y.dtype == dtype and y.shape == (1, N) and not torch.isnan(y).any()
-    assert rel_err(y.float(), kernels.gemv_ref(x, w1, w2)) < TOL[dtype]
+    ref = kernels.gemv_ref(x, w1, w2, g, 1e-5, r)
+    assert rel_err(y.float(), ref) < TOL[dtype]
+    if r is not None:  # the residual is really added (not just small next to W x)
+        assert rel_err(y.float() - r.float(), ref - r.float()) < TOL[dtype] * 2
 
 
 def test_linear_dispatch(monkeypatch):
+    from model import RMSNorm
     """kernels.linear / swiglu: the gemv kernel for one token on the kernel path (bias added),
     F.linear otherwise (several tokens; input-major weights) - same numbers either way."""
     monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
@@ -97,9 +106,76 @@ def test_linear_dispatch(monkeypatch):
             assert rel_err(kernels.linear(x, w, b), F.linear(x, w, b)) < 1e-4
             assert rel_err(kernels.swiglu(x, gate, up), F.silu(gate(x)) * up(x)) < 1e-4
         assert len(calls) == 2  # only the (1, 1, K) input took the kernel
+        norm = RMSNorm(40, 1e-6).to(DEVICE)
+        norm.weight.data.uniform_(0.5, 1.5)
+        for shape in [(1, 1, 40), (3, 1, 40)]:  # fused RMSNorm + residual, and the unfused fallback
+            x = torch.randn(*shape, device=DEVICE)
+            res = torch.randn(*shape[:-1], 24, device=DEVICE)
+            assert rel_err(kernels.linear(x, w, b, norm, res), res + F.linear(norm(x), w, b)) < 1e-4
+            assert rel_err(kernels.swiglu(x, gate, up, norm), F.silu(gate(norm(x))) * up(norm(x))) < 1e-4
+        assert len(calls) == 4
         wt = w.t().contiguous().t()  # input-major layout: not the row-major kernel's
         assert rel_err(kernels.linear(torch.ones(1, 1, 40, device=DEVICE), wt), wt.sum(1)[None, None]) < 1e-4
-    assert len(calls) == 2
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,D", [(1, 4, 2, 16), (3, 6, 3, 12)])  # GQA; D/2 not a power of two
+def test_rope_kv_update(dtype, B, H, Hkv, D):
+    """RoPE on q and k + the cache write at pos, one kernel: equals the reference; every other
+    cache entry (other positions, sequences beyond B) is left as it was."""
+    from model import ModelArgs, rope_tables
+    cos, sin = rope_tables(ModelArgs(head_dim=D, rope_theta=100.0), 20, DEVICE)
+    pos = torch.tensor([13], device=DEVICE)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, device=DEVICE).to(dtype)
+    caches = [torch.randn(B + 1, Hkv, 20, D, device=DEVICE).to(dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q = kernels.rope_kv_update(qkv, cos[pos].to(dtype), sin[pos].to(dtype), pos, *caches, H)
+    ref_q = kernels.rope_kv_update_ref(qkv, cos[pos].to(dtype), sin[pos].to(dtype), pos, *ref_caches, H)
+    assert q.shape == (B, H, D) and q.dtype == dtype
+    assert rel_err(q.float(), ref_q.float()) < TOL[dtype]
+    for c, r in zip(caches, ref_caches):
+        assert rel_err(c[:, :, 13].float(), r[:, :, 13].float()) < TOL[dtype]
+        keep = torch.ones(20, dtype=torch.bool)
+        keep[13] = False
+        assert torch.equal(c[:, :, keep], r[:, :, keep]) and torch.equal(c[B:], r[B:])
+    v = qkv.view(B, H + 2 * Hkv, D)[:, H + Hkv:]
+    assert torch.equal(caches[1][:B, :, 13], v)  # v copied as is
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_dense_decode_kernel_path_equals_reference(dtype, monkeypatch):
+    """The dense model's decode steps through the gemv kernels (RMSNorm in the q/k/v, gate/up
+    and LM-head prologues, residual adds in the o and down epilogues, decode attention kernel)
+    give the logits of the plain-PyTorch path."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                      vocab_size=61, attention_bias=True)
+    model = Transformer(cfg_m).eval().to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    calls = []
+    real = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(a[3] is not None) or real(*a))
+    logits = {}
+    for flag, dt in (("0", torch.float32), ("0", dtype), ("force", dtype)):
+        monkeypatch.setenv("ACTSPARSE_KERNELS", flag)
+        model = model.to(dt)
+        model.max_seq_len = -1  # new caches in this dtype
+        model.setup_caches(max_batch_size=1, max_seq_len=16)
+        with torch.no_grad():
+            model(torch.tensor([[1, 5, 9, 2, 4]], device=DEVICE), torch.arange(5, device=DEVICE))
+            logits[flag, dt] = torch.stack([model(torch.tensor([[t]], device=DEVICE), torch.tensor([5 + i], device=DEVICE))
+                                            for i, t in enumerate([7, 3, 11])]).float()
+    assert calls.count(True) == 3 * (2 * 2 + 1) and calls.count(False) == 3 * 2 * 2  # norms fused; o, down
+    exact = logits["0", torch.float32]
+    err_kernel, err_torch = rel_err(logits["force", dtype], exact), rel_err(logits["0", dtype], exact)
+    print(f"{dtype}: kernel path {err_kernel:.2e}, PyTorch path {err_torch:.2e} from fp32")
+    # fp32: the same function; bf16: no further from the fp32 logits than the PyTorch path (the
+    # fused norm keeps RMSNorm(x) * g in fp32, where the PyTorch path rounds it to bf16 twice)
+    assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -158,7 +234,7 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
     for layer in model.layers:
         monkeypatch.setenv("ACTSPARSE_KERNELS", "0")  # the reference path, also on GPU
         with torch.no_grad():
-            ref_mlp = layer.feed_forward(x)
+            ref_mlp = sp.sparse_mlp(x, layer.feed_forward, layer.feed_forward.sparsity)
             ref_qkv = sp.sparse_qkv(x, layer.attention.wqkv, layer.attention.sparsity)
         monkeypatch.delenv("ACTSPARSE_KERNELS")
         sp.prepare_kernels(layer, cfg_m, force=True)
@@ -170,7 +246,7 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
                 # gate and up in one launch over the merged input-major buffer
                 assert f.gate_up_kernel is not None and f.gate.t_col is None
                 monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
-                assert rel_err(layer.feed_forward(x), ref_mlp) < 1e-4
+                assert rel_err(sp.sparse_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
                 monkeypatch.delenv("ACTSPARSE_KERNELS")
                 s = torch.randn(B, 1, 96, device=DEVICE)
                 assert rel_err(sp._kernel_linear(s, layer.feed_forward.down.weight, None, f.down),
@@ -236,19 +312,28 @@ def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("keys_per_program", [1000, 64, 16])  # one chunk (normalised in the kernel) / merged
 def test_decode_attention(dtype, keys_per_program, monkeypatch):
-    """Dense decode attention (every score kept) equals the reference over a window lo..hi."""
-    monkeypatch.setattr(kernels, "ATTN_TUNING", dict(kernels.ATTN_TUNING, keys_per_program=keys_per_program))
-    B, H, Hkv, D, L, lo, hi = 2, 6, 2, 24, 300, 5, 201
-    q = torch.randn(B, H, D, device=DEVICE).to(dtype)
-    k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
-    v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
-    v[:, :, hi:] = float("nan")  # keys past the window must never be read into the result
-    lohi = torch.tensor([lo, hi], dtype=torch.int32, device=DEVICE)
-    y = kernels.decode_attention(q, k, v, lohi)
-    ref = kernels.theta_attention_ref(q, k, v.nan_to_num(0.0), torch.full((H,), -float("inf"), device=DEVICE),
-                                      lo, hi, 0)
-    assert not torch.isnan(y).any()
-    assert rel_err(y, ref) < TOL[dtype]
+    """Dense decode attention (every score kept) equals the reference over a window lo..hi;
+    with several chunks merged in-kernel (the last program of each KV head), also when most
+    chunks see no key, and called again (the merge counters are left at zero)."""
+    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(keys_per_program=keys_per_program, programs_per_sm=64))
+    B, H, Hkv, D, L = 2, 6, 2, 24, 300
+    assert kernels.attention_splits(B, Hkv, L, torch.device(DEVICE), dense=True) == -(-L // keys_per_program)
+    for lo, hi in ((5, 201), (290, 293), (0, 1)):
+        q = torch.randn(B, H, D, device=DEVICE).to(dtype)
+        k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+        v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
+        v[:, :, hi:] = float("nan")  # keys past the window must never be read into the result
+        lohi = torch.tensor([lo, hi] + [0] * (B * Hkv), dtype=torch.int32, device=DEVICE)  # + merge counters
+        ref = kernels.theta_attention_ref(q, k, v.nan_to_num(0.0), torch.full((H,), -float("inf"), device=DEVICE),
+                                          lo, hi, 0)
+        for _ in range(2):
+            y = kernels.decode_attention(q, k, v, lohi)
+            assert not torch.isnan(y).any()
+            assert rel_err(y, ref) < TOL[dtype]
+        assert not lohi[2:].any()  # the counters are left at zero
+    if kernels.attention_splits(B, Hkv, L, torch.device(DEVICE), dense=True) > 1:  # several chunks, no counters
+        with pytest.raises(ValueError, match="zeroed counters"):
+            kernels.decode_attention(q, k, v, lohi[:2])
 
 
 @pytest.mark.parametrize("sdc", ["none", "exact", "theta", "dense"])

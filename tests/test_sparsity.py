@@ -95,7 +95,8 @@ def test_tiny_mlp_matches_formula_and_calibration_hits_target(tiny, tiny_batches
     for layer in tiny.layers:
         ffn = layer.feed_forward
         with torch.no_grad():
-            ours, ref = ffn(x), ref_mlp(ffn, x, kw["method"], ffn.sparsity)
+            # FeedForward returns x + MLP(norm(x)) (the residual add is part of the sublayer)
+            ours, ref = ffn(x, layer.ffn_norm), x + ref_mlp(ffn, layer.ffn_norm(x), kw["method"], ffn.sparsity)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     measured = cal.measure(tiny, cfg, tiny_batches)
     by_site = sp.mean_by_site(measured)
@@ -145,8 +146,9 @@ def test_smollm2_calibration_hits_targets(smollm2, smol_batches):
         sp.apply(model, cfg)
         x = torch.randn(1, 4, model.config.dim)
         with torch.no_grad():
-            torch.testing.assert_close(layer.feed_forward(x), ref_mlp(layer.feed_forward, x, kw["method"],
-                                                                       layer.feed_forward.sparsity))
+            torch.testing.assert_close(layer.feed_forward(x, layer.ffn_norm),
+                                       x + ref_mlp(layer.feed_forward, layer.ffn_norm(x), kw["method"],
+                                                   layer.feed_forward.sparsity))
         sp.apply(model, None)
 
 
@@ -176,9 +178,9 @@ def test_teal_greedy_beats_uniform_block_error(tiny, tiny_batches):
     pb = sp.projection_bytes(tiny)
     eff = sum(pb[n] * levels[n] for n in pb) / sum(pb.values())
     assert eff >= 0.5 and len(set(round(v, 3) for v in levels.values())) > 1
-    x = {"attn": cal.captured(tiny, layer, h, [("inputs", layer.attention, "a")]).cat("a"),
+    x = {"attn": cal.captured(tiny, layer, h, [("outputs", layer.attention_norm, "a")]).cat("a"),
          "o": cal.captured(tiny, layer, h, [("inputs", layer.attention.wo, "o")]).cat("o"),
-         "mlp": cal.captured(tiny, layer, h, [("inputs", layer.feed_forward, "m")]).cat("m"),
+         "mlp": cal.captured(tiny, layer, h, [("outputs", layer.ffn_norm, "m")]).cat("m"),
          "down": cal.captured(tiny, layer, h, [("inputs", layer.feed_forward.down, "d")]).cat("d")}
     src = dict(q="attn", k="attn", v="attn", o="o", gate="mlp", up="mlp", down="down")
 
