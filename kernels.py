@@ -41,7 +41,8 @@ captures them in the CUDA graph with no graph break.
    theta and keeps the row maximum when no score passes. VMC and post-softmax placement
    need every V row or the full denominator first: those configs use sparsity.py's
    reference path. decode_attention is the same kernel with every score kept (dense
-   decode attention; V rows loaded with K rows, a lighter merge).
+   decode attention; V rows loaded with K rows, chunks merged in the kernel by the program
+   that finishes last).
 
 4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
    small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
