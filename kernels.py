@@ -610,14 +610,19 @@ def _gemv_ok(x: Tensor, *weights: Tensor) -> bool:
     return enabled(x) and x.numel() == x.shape[-1] and all(w.stride(-1) == 1 for w in weights)
 
 
+def _norm_args(norm):
+    """gemv's (g, eps) for an RMSNorm module, or none."""
+    return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
            residual: Optional[Tensor] = None) -> Tensor:
     """[residual +] F.linear(norm(x), weight, bias) (norm: an RMSNorm module with .weight, .eps,
     or None). A batch-1 decode step on GPU runs it all in the gemv kernel: the norm in its
     prologue, the residual add in its epilogue (no kernels of their own)."""
     if _gemv_ok(x, weight) and (residual is None or residual.numel() == weight.shape[0]):
-        y = gemv(x.reshape(1, -1), weight, None, norm.weight if norm is not None else None,
-                 norm.eps if norm is not None else 0.0, residual.reshape(1, -1) if residual is not None else None)
+        y = gemv(x.reshape(1, -1), weight, None, *_norm_args(norm),
+                 residual.reshape(1, -1) if residual is not None else None)
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     y = torch.nn.functional.linear(norm(x) if norm is not None else x, weight, bias)
@@ -629,8 +634,8 @@ def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear, norm=None) -> 
     weights in one kernel, the norm in its prologue (otherwise the modules are called, so
     forward hooks - calibration's - see them)."""
     if _gemv_ok(x, gate.weight, up.weight) and gate.bias is None and up.bias is None:
-        return gemv(x.reshape(1, -1), gate.weight, up.weight, norm.weight if norm is not None else None,
-                    norm.eps if norm is not None else 0.0).view(*x.shape[:-1], gate.weight.shape[0])
+        return gemv(x.reshape(1, -1), gate.weight, up.weight, *_norm_args(norm)).view(*x.shape[:-1],
+                                                                                     gate.weight.shape[0])
     x = norm(x) if norm is not None else x
     return torch.nn.functional.silu(gate(x)) * up(x)
 

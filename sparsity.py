@@ -380,7 +380,7 @@ def _kernel_attention(q, k, v, lohi, sc: Optional[AttentionScores] = None, dense
     lo <= j < hi over the GPU (the masked SDPA does not); Top-Theta (pre-softmax) reads every
     K row but only the V rows whose score some head of the KV group keeps."""
     if sc is None:
-        return kernels.decode_attention(q[:, :, 0], k, v, lohi).to(q.dtype)[:, :, None]
+        return kernels.decode_attention(q[:, :, 0], k, v, lohi)[:, :, None]  # in q's dtype
     table = sc.thresholds  # (H, N): theta per head and visible length n
     n = lohi[1] - lohi[0]
     theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)

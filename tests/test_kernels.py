@@ -13,6 +13,24 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def tiny_model(std=None, norm_std=None, **overrides):
+    """The model-level tests' tiny Llama (4 query / 2 KV heads, head_dim 16) on DEVICE, seeded.
+    With std: weights ~ N(0, std), norm weights ~ N(1, norm_std) (left at 1 without norm_std)."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    cfg = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                    vocab_size=61, **overrides)
+    model = Transformer(cfg).eval().to(DEVICE)
+    if std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not name.endswith("norm.weight"):
+                    p.normal_(0.0, std)
+                elif norm_std is not None:
+                    p.normal_(1.0, norm_std)
+    return cfg, model
+
+
 def thresholds_for(x, sparsity, mode=0.0):
     """The sparsity-quantile of |x - mode| (sparsity 1.0: above every value)."""
     c = (x.float() - mode).abs().flatten()
@@ -148,14 +166,7 @@ def test_model_dense_decode_kernel_path_equals_reference(dtype, monkeypatch):
     """The dense model's decode steps through the gemv kernels (RMSNorm in the q/k/v, gate/up
     and LM-head prologues, residual adds in the o and down epilogues, decode attention kernel)
     give the logits of the plain-PyTorch path."""
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                      vocab_size=61, attention_bias=True)
-    model = Transformer(cfg_m).eval().to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    _, model = tiny_model(std=0.2, norm_std=0.2, attention_bias=True)
     calls = []
     real = kernels.gemv
     monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(a[3] is not None) or real(*a))
@@ -217,15 +228,7 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
     """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model."""
     import calibrate as cal
     import sparsity as sp
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                      vocab_size=61, attention_bias=True)
-    model = Transformer(cfg_m).eval().to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0, 0.2)
+    cfg_m, model = tiny_model(std=0.2, attention_bias=True)
     batches = torch.randint(0, 61, (3, 32), device=DEVICE)
     cfg = cal.calibrate(model, batches, method=method, sparsity=0.5, rank=8, progress=False,
                         scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,down,kde,0.5")
@@ -267,11 +270,7 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
     import calibrate as cal
     import generate
     import sparsity as sp
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                      vocab_size=61)
-    model = Transformer(cfg_m).eval().to(DEVICE)
+    cfg_m, model = tiny_model()
     cfg = cal.calibrate(model, torch.randint(0, 61, (2, 16), device=DEVICE), method=method, sparsity=0.5,
                         rank=8, progress=False)
     sp.apply(model, cfg)
@@ -343,15 +342,7 @@ def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
     ("dense") the kernel's decode attention equals SDPA's."""
     import calibrate as cal
     import sparsity as sp
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    cfg_m = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                      vocab_size=61, sliding_window=24)
-    model = Transformer(cfg_m).eval().to(DEVICE)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0, 0.3)
+    cfg_m, model = tiny_model(std=0.3, sliding_window=24)
     if sdc != "dense":
         cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
                             sdc=sdc, progress=False)
