@@ -24,6 +24,13 @@ captures them in the CUDA graph with no graph break.
    chain does not serialise. Batch 2..8: tl.dot on 16 padded rows; a weight row is read if
    any row of the batch needs it.
 
+1b. sparse_gemv: the batch-1 decode form of input_sparse_gemv with everything around it fused,
+   so that a sparse decode step has as few kernels as a dense one (6 per layer): the RMSNorm
+   before the projection (each program sums x^2 over all of x first; thresholds apply to the
+   normalised value), the K chunks' partial sums added by the program that finishes a column
+   block last (an atomic counter per block, in the step's window tensor), then + W m, SiLU(gate)
+   * up for the merged [gate; up] weights, or the residual add, written in the model dtype.
+
 2. gated_rows: output-sparse GEMV over the rows n of W (output-major, nn.Linear's own
    layout) that a per-row criterion keeps, fused with the MLP's elementwise step:
      mode 0 CATS:         p = g,      keep |SiLU(p)| > t,  s = SiLU(p) * (W1 x)
@@ -97,6 +104,19 @@ def rms_norm_ref(x: Tensor, g: Tensor, eps: float) -> Tensor:
     """RMSNorm(x) * g in fp32 (the fused gemv prologue's function)."""
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.float()
+
+
+def sparse_gemv_ref(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                    g: Optional[Tensor] = None, eps: float = 0.0, r: Optional[Tensor] = None,
+                    swiglu: bool = False) -> Tensor:
+    """The fused decode form of input_sparse_gemv_ref: x' = RMSNorm(x) * g (fp32) with g, else x;
+    y = W ((x' - m) * 1[|x' - m| > t]) + shift; with swiglu (wt: (K, 2F), gate columns then up
+    columns) y = SiLU(y[:, :F]) * y[:, F:]; then [r +] y. x: (B, K). Returns fp32."""
+    y = input_sparse_gemv_ref(rms_norm_ref(x, g, eps) if g is not None else x, wt, t, m, shift)
+    if swiglu:
+        f = y.shape[1] // 2
+        y = torch.nn.functional.silu(y[:, :f]) * y[:, f:]
+    return y if r is None else y + r.float()
 
 
 def gemv_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor] = None, g: Optional[Tensor] = None, eps: float = 0.0,
@@ -235,6 +255,111 @@ if triton is not None:
             acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
             x = x_next
         tl.store(Y + pid_k * stride_ys + offs_n, tl.sum(acc, 0), mask=n_ok)
+
+    @triton.jit
+    def _sparse_x(X, G, offs_k, k_ok, inv_rms, NORM: tl.constexpr):
+        """A tile of the GEMV's input in fp32: x, or RMSNorm(x) * G given 1/rms."""
+        x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            x = x * tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32) * inv_rms
+        return x
+
+    @triton.jit
+    def _sparse_tile(WT, offs_k, k_end, x, m, t, offs_n, n_ok, stride_wk):
+        """One tile: the thresholded inputs (x - m) * 1[|x - m| > t] and the weight rows of the
+        kept channels (the others are not loaded)."""
+        c = x - m
+        keep = (tl.abs(c) > t) & (offs_k < k_end)
+        w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=0.0)
+        return tl.where(keep, c, 0.0), w
+
+    @triton.jit
+    def _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                         RESIDUAL: tl.constexpr):
+        """Epilogue of _sparse_gemv_kernel on a finished block of sums: + W m, SiLU(gate) * up,
+        + residual, stored in Y's dtype."""
+        if HAS_SHIFT:
+            y1 += tl.load(SHIFT + offs_n, mask=n_ok, other=0.0)
+            if SWIGLU:
+                y2 += tl.load(SHIFT + col2 + offs_n, mask=n_ok, other=0.0)
+        if SWIGLU:
+            y1 = y1 / (1.0 + tl.exp(-y1)) * y2
+        if RESIDUAL:
+            y1 += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, Y, K, N_OUT, col2, k_per_prog, split, stride_wk,
+                            stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+                            NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
+                            HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
+                            SPLIT_PAD: tl.constexpr):
+        """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
+        step has as few kernels as a dense one. One program: one BLOCK_N block of output
+        columns (SWIGLU: and the up block col2 columns further) over one K chunk.
+        NORM: the input is RMSNorm(x) * G; each program first sums x^2 over all of x (K_PAD
+        elements in one load, from L2), so the threshold applies to the normalised value.
+        Then as _input_sparse_gemv_b1_kernel: a weight row is loaded only if its channel passes
+        |x' - m| > t (t, m uniform within the block). MERGE (several K chunks): each program
+        stores its partial sums in P; the program that finishes its column block last (an
+        atomic counter per block, reset by it afterwards) sums them and runs the epilogue
+        (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_OUT
+        t1 = tl.load(T + pid_n * BLOCK_N)
+        t2 = t1
+        m1 = 0.0
+        m2 = 0.0
+        if HAS_MODE:
+            m1 = tl.load(M + pid_n * BLOCK_N)
+        if SWIGLU:
+            t2 = tl.load(T + col2 + pid_n * BLOCK_N)
+            if HAS_MODE:
+                m2 = tl.load(M + col2 + pid_n * BLOCK_N)
+        inv_rms = 1.0
+        if NORM:
+            offs_all = tl.arange(0, K_PAD)
+            xa = tl.load(X + offs_all, mask=offs_all < K, other=0.0).to(tl.float32)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
+        k0 = pid_k * k_per_prog
+        k_end = tl.minimum(k0 + k_per_prog, K)
+        offs = tl.arange(0, BLOCK_K)
+        acc1 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
+        for kk in range(k0, k_end, BLOCK_K):
+            offs_k = kk + offs
+            xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+            if SWIGLU:
+                xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+            nxt = offs_k + BLOCK_K
+            x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
+            acc1 += xs1[:, None] * w1.to(tl.float32)
+            if SWIGLU:
+                acc2 += xs2[:, None] * w2.to(tl.float32)
+        y1 = tl.sum(acc1, 0)
+        y2 = tl.sum(acc2, 0)
+        if MERGE:
+            tl.store(P + pid_k * stride_p + offs_n, y1, mask=n_ok)
+            if SWIGLU:
+                tl.store(P + pid_k * stride_p + col2 + offs_n, y2, mask=n_ok)
+            # As in the attention merge: every thread's stores before the release, the last
+            # program's loads after its acquire, from L2 (.cg).
+            tl.debug_barrier()
+            done = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel")
+            if done == split - 1:  # every chunk's partial sums in one load, not split dependent ones
+                offs_s = tl.arange(0, SPLIT_PAD)
+                p_rows = P + offs_s[:, None] * stride_p + offs_n[None, :]
+                p_ok = (offs_s < split)[:, None] & n_ok[None, :]
+                y1 = tl.sum(tl.load(p_rows, mask=p_ok, other=0.0, cache_modifier=".cg"), 0)
+                if SWIGLU:
+                    y2 = tl.sum(tl.load(p_rows + col2, mask=p_ok, other=0.0, cache_modifier=".cg"), 0)
+                _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
+                tl.store(COUNT + pid_n, 0)
+        else:
+            _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
 
     @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
@@ -488,7 +613,7 @@ def _num_sms(device) -> int:
 
 
 # Launch configurations, each the best of a sweep on an H100 (BENCHMARKS.md, `scripts/bench.py --sweep`).
-GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # input_sparse_gemv, batch 1
+GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
 GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4)  # input_sparse_gemv, batch 2..8
 DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
 SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
@@ -551,6 +676,42 @@ if triton is not None:
         cfg = gemv_launch_config(x.shape[0], x.shape[1], wt.shape[1], block_n, x.device)
         return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
 
+    @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
+    def sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor], block_n: int,
+                    counters: Tensor, g: Optional[Tensor] = None, eps: float = 0.0, r: Optional[Tensor] = None,
+                    swiglu: bool = False) -> Tensor:
+        """See sparse_gemv_ref (same arguments; x: (1, K), t, m, shift: (N,) fp32 with t and m
+        constant within each block_n block; r: (1, N_out)), one launch. counters: int32 zeros,
+        at least one per block_n block of output columns, left at zero (the window tensor's tail,
+        sparsity.visible_window). Returns (1, N_out), N_out = N (N / 2 with swiglu), in r's dtype
+        with a residual, else x's."""
+        K = x.shape[1]
+        N = wt.shape[1]
+        n_out = N // 2 if swiglu else N
+        assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
+        x = x.contiguous()
+        cfg = gemv_launch_config(1, K, n_out, block_n, x.device)
+        split = cfg["split"]
+        n_blocks = triton.cdiv(n_out, block_n)
+        if split > 1 and counters.numel() < n_blocks:
+            raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
+                             "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
+        y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
+        p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
+        _sparse_gemv_kernel[(n_blocks, split)](
+            x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
+            r.contiguous() if r is not None else y, p, counters, y, K, n_out, n_out, cfg["K_PER_PROG"], split,
+            wt.stride(0), N, float(eps), BLOCK_N=block_n,
+            BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
+            K_PAD=triton.next_power_of_2(K) if g is not None else 16, NORM=g is not None, HAS_MODE=m is not None,
+            SWIGLU=swiglu, HAS_SHIFT=shift is not None, RESIDUAL=r is not None, MERGE=split > 1,
+            SPLIT_PAD=triton.next_power_of_2(split), num_warps=cfg["num_warps"])
+        return y
+
+    @sparse_gemv.register_fake
+    def _(x, wt, t, m, shift, block_n, counters, g=None, eps=0.0, r=None, swiglu=False):
+        return x.new_empty(1, wt.shape[1] // 2 if swiglu else wt.shape[1], dtype=r.dtype if r is not None else x.dtype)
+
     @torch.library.custom_op("actsparse::gemv", mutates_args=())
     def gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor] = None, eps: float = 0.0,
              r: Optional[Tensor] = None) -> Tensor:
@@ -610,7 +771,7 @@ def _gemv_ok(x: Tensor, *weights: Tensor) -> bool:
     return enabled(x) and x.numel() == x.shape[-1] and all(w.stride(-1) == 1 for w in weights)
 
 
-def _norm_args(norm):
+def norm_args(norm):
     """gemv's (g, eps) for an RMSNorm module, or none."""
     return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
 
@@ -621,7 +782,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
     or None). A batch-1 decode step on GPU runs it all in the gemv kernel: the norm in its
     prologue, the residual add in its epilogue (no kernels of their own)."""
     if _gemv_ok(x, weight) and (residual is None or residual.numel() == weight.shape[0]):
-        y = gemv(x.reshape(1, -1), weight, None, *_norm_args(norm),
+        y = gemv(x.reshape(1, -1), weight, None, *norm_args(norm),
                  residual.reshape(1, -1) if residual is not None else None)
         y = y.view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
@@ -634,7 +795,7 @@ def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear, norm=None) -> 
     weights in one kernel, the norm in its prologue (otherwise the modules are called, so
     forward hooks - calibration's - see them)."""
     if _gemv_ok(x, gate.weight, up.weight) and gate.bias is None and up.bias is None:
-        return gemv(x.reshape(1, -1), gate.weight, up.weight, *_norm_args(norm)).view(*x.shape[:-1],
+        return gemv(x.reshape(1, -1), gate.weight, up.weight, *norm_args(norm)).view(*x.shape[:-1],
                                                                                      gate.weight.shape[0])
     x = norm(x) if norm is not None else x
     return torch.nn.functional.silu(gate(x)) * up(x)

@@ -218,7 +218,7 @@ class Transformer(nn.Module):
             mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, max_seq_len)
         # A GPU decode step: its keys lo <= j < hi, found once for every layer's attention kernel.
         decode_kernels = mask is not None and S == 1 and kernels.enabled(idx)
-        window = sp.visible_window(mask, B * self.config.n_kv_heads) if decode_kernels else None
+        window = sp.visible_window(mask, sp.n_counters(self.config, B)) if decode_kernels else None
         dense_rows = positions < dense_prefix if dense_prefix > 0 else None  # (S,) bool
         cos = self.rope_cos[positions].to(self.output.weight.dtype)
         sin = self.rope_sin[positions].to(self.output.weight.dtype)
@@ -246,7 +246,7 @@ class TransformerBlock(nn.Module):
         # sublayer gets its norm and adds its own residual, so that a dense GPU decode step runs
         # the RMSNorm inside its first GEMV and the residual add inside its last one.
         h = self.attention(x, self.attention_norm, cos, sin, mask, input_pos, dense_rows, window)
-        return self.feed_forward(h, self.ffn_norm, dense_rows)
+        return self.feed_forward(h, self.ffn_norm, dense_rows, window)
 
 
 class Attention(nn.Module):
@@ -266,8 +266,9 @@ class Attention(nn.Module):
         if self.sparsity is None or self.sparsity.qkv is None:
             qkv = self.wqkv(x, norm=norm)  # wqkv(norm(x)): one fused GEMM (on GPU decode, norm included)
         else:
-            # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP).
-            qkv = sp.sparse_qkv(norm(x), self.wqkv, self.sparsity, dense_rows)
+            # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP): wqkv(threshold(norm(x))),
+            # on GPU decode one kernel with the norm inside.
+            qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows, norm, window)
         if window is not None and self.kv_cache is not None:
             # GPU decode step: RoPE on q and k, and k, v written into the cache at input_pos, in one kernel.
             cache = self.kv_cache
@@ -287,8 +288,9 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, S, c.q_size)
         if self.sparsity is None or self.sparsity.o is None:
             return self.wo(y, residual=x)  # x + wo(y)
-        # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP).
-        return x + sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows)
+        # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP): x + wo(threshold(y)).
+        return sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows, residual=x,
+                                window=window)
 
 
 class FeedForward(nn.Module):
@@ -301,14 +303,15 @@ class FeedForward(nn.Module):
         self.down = Linear(config.intermediate_size, config.dim, bias=False)
         self.sparsity = None  # sparsity.MLPSparsity or None
 
-    def forward(self, x, norm, dense_rows=None):
+    def forward(self, x, norm, dense_rows=None, window=None):
         """x + mlp(norm(x)); x: (B, S, dim) the residual stream."""
         if self.sparsity is None:
             # SiLU(gate(norm(x))) * up(norm(x)), then x + down(.); on GPU decode two kernels in all.
             return self.down(kernels.swiglu(x, self.gate, self.up, norm), residual=x)
         # SPARSITY SITES: MLP input (gate/up input) and MLP intermediate (down input);
-        # which activations are zeroed is the method's choice, see sparsity.sparse_mlp.
-        return x + sp.sparse_mlp(norm(x), self, self.sparsity, dense_rows)
+        # which activations are zeroed is the method's choice, see sparsity.sparse_mlp (on GPU
+        # decode the norm and the residual add run inside its kernels).
+        return sp.sparse_mlp(x, self, self.sparsity, dense_rows, norm, residual=x, window=window)
 
 
 class Linear(nn.Linear):

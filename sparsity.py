@@ -52,6 +52,10 @@ PROJ_METHODS = ("teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdo
 ATTN_METHODS = ("top-theta", "top-k")
 LINEAR_SITES = ("q", "k", "v", "o", "gate", "up", "down")
 DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.decode_attention (bench: A/B)
+# Batch-1 GPU decode through kernels.sparse_gemv: norm + sparse GEMV + K-chunk sums + SiLU(g) * u or
+# the residual in one kernel, 6 kernels per layer as dense (BENCHMARKS.md, session 5). False: the norm,
+# input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
+FUSED_SPARSE_GEMV = True
 
 
 # ----------------------------------------------------------------------------- config objects
@@ -142,50 +146,59 @@ def threshold_input(x: Tensor, site: LinearSite, dense_rows=None):
 
 
 def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, name="", dense_rows=None,
-                  weight=None, bias=None) -> Tensor:
-    """y = linear(x); with a LinearSite, y = W (x - m) * 1[|x - m| > t] + W m."""
+                  weight=None, bias=None, residual=None, window=None) -> Tensor:
+    """[residual +] linear(x); with a LinearSite, W (x - m) * 1[|x - m| > t] + W m. window: the
+    decode step's visible_window (its counters let the kernel add the residual itself)."""
     if site is None:
-        return linear(x) if linear is not None else F.linear(x, weight, bias)
+        y = linear(x) if linear is not None else F.linear(x, weight, bias)
+        return y if residual is None else residual + y
     weight = linear.weight if linear is not None else weight
     bias = linear.bias if linear is not None else bias
     if site.t_col is not None and stats is None and kernels.enabled(x) and kernels.is_decode(x):
-        return _kernel_linear(x, weight, bias, site)
+        return _kernel_linear(x, weight, bias, site, residual=residual, window=window)
     xs, kept = threshold_input(x, site, dense_rows)
     _record(stats, name, kept, dense_rows, xs)
     y = F.linear(xs, weight, bias)
     if site.shift_bias is not None:
         y = y + site.shift_bias.to(y.dtype)
-    return y
+    return y if residual is None else residual + y
 
 
 def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsity] = None,
-               dense_rows=None) -> Tensor:
-    """Fused q/k/v projection; with sparsity, each of q, k, v thresholds the shared input
-    with its own threshold (TEAL's greedy gives them different sparsities)."""
+               dense_rows=None, norm=None, window=None) -> Tensor:
+    """Fused q/k/v projection of norm(x) (or x); with sparsity, each of q, k, v thresholds the
+    shared input with its own threshold (TEAL's greedy gives them different sparsities). A GPU
+    decode step runs the norm inside the kernel."""
+    if attn is not None and attn.qkv_kernel is not None and attn.stats is None and kernels.enabled(x) \
+            and kernels.is_decode(x):
+        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window)
+    x = norm(x) if norm is not None else x
     if attn is None or attn.qkv is None:
         return wqkv(x)
-    if attn.qkv_kernel is not None and attn.stats is None and kernels.enabled(x) and kernels.is_decode(x):
-        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel)
     ws = wqkv.weight.split(attn.sizes)
     bs = wqkv.bias.split(attn.sizes) if wqkv.bias is not None else (None, None, None)
     return torch.cat([sparse_linear(x, None, site, attn.stats, name, dense_rows, w, b)
                       for site, name, w, b in zip(attn.qkv, "qkv", ws, bs)], dim=-1)
 
 
-def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
-    """The SwiGLU MLP under a projection-sparsity method. x: (B, S, dim)."""
+def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, residual=None, window=None) -> Tensor:
+    """[residual +] the SwiGLU MLP of norm(x) (or x) under a projection-sparsity method.
+    x: (B, S, dim). A GPU decode step runs the norm and the residual add inside its kernels."""
     m, st = mlp.method, mlp.stats
-    if mlp.down_kernel is not None and st is None and kernels.enabled(x) and kernels.is_decode(x):
-        return _kernel_mlp(x, ffn, mlp)
+    kernel = st is None and kernels.enabled(x) and kernels.is_decode(x)
+    if kernel and mlp.down_kernel is not None:
+        return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
-        if mlp.gate_up_kernel is not None and st is None and kernels.enabled(x) and kernels.is_decode(x):
-            # gate and up share their input: one kernel launch over the [gate; up] rows
-            g, u = _kernel_linear(x, mlp.gate_up_weight, None, mlp.gate_up_kernel).chunk(2, dim=-1)
+        if kernel and mlp.gate_up_kernel is not None:
+            # gate and up share their input: one launch over the [gate; up] rows, SiLU(g) * u inside
+            s = _kernel_linear(x, mlp.gate_up_weight, None, mlp.gate_up_kernel, norm, window=window, swiglu=True)
         else:
-            g = sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)
-            u = sparse_linear(x, ffn.up, mlp.up, st, "up", dense_rows)
-        return sparse_linear(F.silu(g) * u, ffn.down, mlp.down, st, "down", dense_rows)
+            x = norm(x) if norm is not None else x
+            s = F.silu(sparse_linear(x, ffn.gate, mlp.gate, st, "gate", dense_rows)) \
+                * sparse_linear(x, ffn.up, mlp.up, st, "up", dense_rows)
+        return sparse_linear(s, ffn.down, mlp.down, st, "down", dense_rows, residual=residual, window=window)
+    x = norm(x) if norm is not None else x
     if m == "cats":
         # CATS sec. 3 (eq. 3): keep i where |SiLU(g_i)| > t; gate stays dense, up rows and
         # down columns of dropped neurons are skipped.
@@ -215,22 +228,37 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None) -> Tensor:
     else:
         raise ValueError(f"unknown MLP sparsity method {m!r}")
     _record(st, "mlp_coeff", keep, dense_rows, s)
-    return ffn.down(s)
+    return ffn.down(s, residual=residual)
 
 
-def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite) -> Tensor:
-    """Decode step on GPU: the thresholded input-sparse GEMV (weights stored input-major)."""
+def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None, residual=None, window=None,
+                   swiglu=False) -> Tensor:
+    """Decode step on GPU: [residual +] the thresholded input-sparse GEMV of norm(x) (weights
+    stored input-major; swiglu: [gate; up] merged, SiLU(g) * u). One sequence with the step's
+    window (FUSED_SPARSE_GEMV): one kernel, the norm, the partial sums' reduction and the
+    residual add inside (kernels.sparse_gemv); otherwise norm, kernel, sums, add, as ops."""
     B, S, K = x.shape
+    if B == 1 and window is not None and FUSED_SPARSE_GEMV:
+        y = kernels.sparse_gemv(x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n,
+                                window[2:], *kernels.norm_args(norm),
+                                residual.view(1, -1) if residual is not None else None, swiglu)
+        return (y if bias is None else y + bias).view(B, 1, -1)
+    x = norm(x) if norm is not None else x
     y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n)
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).view(B, 1, -1)
+    if swiglu:
+        g, u = y.chunk(2, dim=-1)
+        y = F.silu(g) * u
+    y = y.to(x.dtype).view(B, 1, -1)
+    return y if residual is None else residual + y
 
 
-def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
+def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity, norm=None, residual=None, window=None) -> Tensor:
     """Decode step on GPU for the neuron-selecting methods: the kept rows of gate/up are
     computed (kernels.gated_rows, fused with SiLU and the product), then the down
-    projection reads only the columns of non-zero coefficients."""
+    projection reads only the columns of non-zero coefficients (and adds the residual)."""
+    x = norm(x) if norm is not None else x
     B, S, K = x.shape
     x2 = x.view(B, K)
     m = mlp.method
@@ -245,9 +273,8 @@ def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity) -> Tensor:
         s = s * topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
     else:
         raise ValueError(f"no fused MLP kernel path for {m!r}")
-    d = mlp.down_kernel
-    y = kernels.input_sparse_gemv(s, ffn.down.weight.t(), d.t_col, None, None, d.block_n)
-    return y.to(x.dtype).view(B, 1, -1)
+    y = _kernel_linear(s.view(B, 1, -1), ffn.down.weight, None, mlp.down_kernel, residual=residual, window=window)
+    return y.to(x.dtype)
 
 
 def predictor_logits(x: Tensor, mlp: MLPSparsity) -> Tensor:
@@ -364,11 +391,18 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
     return y.to(q.dtype)
 
 
+def n_counters(c, B: int) -> int:
+    """Counters a decode step's kernels need (see visible_window): one per (sequence, KV head)
+    for the attention merge, one per column block of the widest sparse GEMV (block_n >= 1)."""
+    return max(B * c.n_kv_heads, c.dim, c.intermediate_size, c.q_size + 2 * c.kv_size)
+
+
 def visible_window(mask, n_counters: int) -> Tensor:
     """int32 (2 + n_counters,): lo, hi - the keys lo <= j < hi that a decode step's one query
-    row sees (mask (1, 1, 1, L), a causal or sliding window) - then n_counters zeros, one per
-    (sequence, KV head), that the dense attention kernel counts its finished key chunks in (and
-    leaves at zero, so every layer of the step can use them)."""
+    row sees (mask (1, 1, 1, L), a causal or sliding window) - then n_counters zeros that the
+    kernels count finished programs in: the dense attention's key chunks per (sequence, KV head),
+    kernels.sparse_gemv's K chunks per column block. Each launch leaves them at zero, so every
+    kernel of the step can use them in turn."""
     row = mask[0, 0, 0]
     lo = row.int().argmax()
     return torch.cat([torch.stack([lo, lo + row.sum()]).to(torch.int32),

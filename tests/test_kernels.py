@@ -83,6 +83,51 @@ def test_input_sparse_gemv_mode_shift(B):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("fused", ["", "norm", "residual", "norm+mode+shift", "swiglu", "swiglu+norm+mode+shift"])
+@pytest.mark.parametrize("programs_per_sm", [8, 1])  # several K chunks merged in-kernel / one chunk
+def test_sparse_gemv(dtype, sparsity, fused, programs_per_sm, monkeypatch):
+    """The batch-1 fused sparse GEMV: RMSNorm prologue (threshold on the normalised input),
+    per-projection thresholds and modes, SiLU(gate) * up, W m and the residual in the epilogue,
+    K chunks summed by the last program; odd shapes, poisoned output, counters left at zero."""
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=programs_per_sm))
+    K, N = 200, 96  # K: several chunks, not a multiple of BLOCK_K; N: "projections" of 64 and 32 (swiglu: 48 + 48)
+    swiglu = "swiglu" in fused
+    x = (3 * torch.randn(1, K, device=DEVICE) + 0.2).to(dtype)  # rms ~3: the norm must matter
+    wt = torch.randn(K, N, device=DEVICE).to(dtype)
+    g = torch.rand(K, device=DEVICE).add(0.5).to(dtype) if "norm" in fused else None
+    xn = kernels.rms_norm_ref(x, g, 1e-5) if g is not None else x.float()  # what the thresholds see
+    sizes = [48, 48] if swiglu else [64, 32]
+    mode = 0.1 if "mode" in fused else 0.0
+    t = torch.cat([torch.full((sizes[0],), thresholds_for(xn, sparsity, mode), device=DEVICE),
+                   torch.full((sizes[1],), thresholds_for(xn, min(1.0, sparsity + 0.05), -mode), device=DEVICE)])
+    m = torch.cat([torch.full((sizes[0],), mode, device=DEVICE), torch.full((sizes[1],), -mode, device=DEVICE)]) \
+        if mode else None
+    shift = torch.randn(N, device=DEVICE) if "shift" in fused else None
+    n_out = N // 2 if swiglu else N
+    r = (10 * torch.randn(1, n_out, device=DEVICE)).to(dtype) if "residual" in fused else None
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    torch.empty(1, n_out, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
+    y = kernels.sparse_gemv(x, wt, t, m, shift, kernels.block_n_for(sizes), counters, g, 1e-5, r, swiglu)
+    assert y.dtype == dtype and y.shape == (1, n_out) and not torch.isnan(y).any()
+    assert torch.equal(counters, torch.zeros_like(counters))
+    ref = kernels.sparse_gemv_ref(x, wt, t, m, shift, g, 1e-5, r, swiglu)
+    if sparsity == 1.0 and shift is None and r is None:
+        assert torch.equal(y.float(), torch.zeros_like(ref))
+    else:
+        assert rel_err(y.float(), ref) < TOL[dtype]
+    if r is not None:  # the residual is really added (not just small next to W x)
+        assert rel_err(y.float() - r.float(), ref - r.float()) < TOL[dtype] * 2
+
+
+def test_sparse_gemv_refuses_short_counters(monkeypatch):
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=8))
+    x, wt, t = torch.randn(1, 200, device=DEVICE), torch.randn(200, 96, device=DEVICE), torch.zeros(96, device=DEVICE)
+    with pytest.raises(ValueError, match="counters"):
+        kernels.sparse_gemv(x, wt, t, None, None, 32, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # RMSNorm prologue / residual epilogue as the model uses them (no residual after gate/up)
 @pytest.mark.parametrize("swiglu,fused", [(False, ""), (False, "norm"), (False, "norm+residual"), (False, "residual"),
                                           (True, ""), (True, "norm")])
@@ -170,23 +215,32 @@ def test_model_dense_decode_kernel_path_equals_reference(dtype, monkeypatch):
     calls = []
     real = kernels.gemv
     monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(a[3] is not None) or real(*a))
+    err_kernel, err_torch = decode_errors(model, dtype, monkeypatch)
+    assert calls.count(True) == 3 * (2 * 2 + 1) and calls.count(False) == 3 * 2 * 2  # norms fused; o, down
+    # fp32: the same function; bf16: no further from the fp32 logits than the PyTorch path (the
+    # fused norm keeps RMSNorm(x) * g in fp32, where the PyTorch path rounds it to bf16 twice)
+    assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
+
+
+def decode_errors(model, dtype, monkeypatch, prepare=lambda model: None):
+    """A 5-token prefill and 3 decode steps on the PyTorch path in fp32 and in dtype, and on the
+    kernel path in dtype (prepare(model) after each cast). Returns the relative errors of the
+    kernel path's and the PyTorch path's dtype logits from the fp32 ones."""
     logits = {}
     for flag, dt in (("0", torch.float32), ("0", dtype), ("force", dtype)):
         monkeypatch.setenv("ACTSPARSE_KERNELS", flag)
         model = model.to(dt)
+        prepare(model)
         model.max_seq_len = -1  # new caches in this dtype
         model.setup_caches(max_batch_size=1, max_seq_len=16)
         with torch.no_grad():
             model(torch.tensor([[1, 5, 9, 2, 4]], device=DEVICE), torch.arange(5, device=DEVICE))
             logits[flag, dt] = torch.stack([model(torch.tensor([[t]], device=DEVICE), torch.tensor([5 + i], device=DEVICE))
                                             for i, t in enumerate([7, 3, 11])]).float()
-    assert calls.count(True) == 3 * (2 * 2 + 1) and calls.count(False) == 3 * 2 * 2  # norms fused; o, down
     exact = logits["0", torch.float32]
     err_kernel, err_torch = rel_err(logits["force", dtype], exact), rel_err(logits["0", dtype], exact)
     print(f"{dtype}: kernel path {err_kernel:.2e}, PyTorch path {err_torch:.2e} from fp32")
-    # fp32: the same function; bf16: no further from the fp32 logits than the PyTorch path (the
-    # fused norm keeps RMSNorm(x) * g in fp32, where the PyTorch path rounds it to bf16 twice)
-    assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
+    return err_kernel, err_torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -256,6 +310,38 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
                                sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
             else:
                 assert rel_err(sp._kernel_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
+
+
+@pytest.mark.parametrize("method,dtype", [("teal", torch.float32), ("teal", torch.bfloat16), ("scap", torch.float32),
+                                          ("cats", torch.float32), ("m-countdown", torch.float32),
+                                          ("d-countdown", torch.float32)])
+def test_model_sparse_decode_fused_path_equals_reference(method, dtype, monkeypatch):
+    """A sparse model's batch-1 decode steps through kernels.sparse_gemv (RMSNorm, thresholds,
+    K-chunk sums, SiLU * up and the residual adds inside; the step's window supplies the
+    counters) give the logits of the plain-PyTorch path."""
+    import calibrate as cal
+    import sparsity as sp
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=32, programs_per_sm=8))
+    cfg_m, model = tiny_model(std=0.2, norm_std=0.2)
+    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), method=method, sparsity=0.5, rank=8,
+                        progress=False, scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,"
+                                            "down,kde,0.5")
+    calls = []
+    real = kernels.sparse_gemv
+    monkeypatch.setattr(kernels, "sparse_gemv", lambda *a: calls.append(a[7] is not None) or real(*a))
+
+    def prepare(model):
+        sp.apply(model, cfg)
+        for layer in model.layers:
+            sp.prepare_kernels(layer, cfg_m, force=True)
+
+    err_kernel, err_torch = decode_errors(model, dtype, monkeypatch, prepare)
+    per_layer = {"teal": (2, 2), "scap": (2, 2)}.get(method, (0, 1))  # (with the norm, without): qkv, gate/up; o, down
+    assert calls.count(True) == 3 * 2 * per_layer[0] and calls.count(False) == 3 * 2 * per_layer[1]
+    # fp32: the same function. bf16: channels near a threshold fall on either side in the two
+    # paths (the kernel thresholds the fp32 RMSNorm(x) * g, the PyTorch path its bf16 rounding),
+    # so only "no worse than the PyTorch path" is asked.
+    assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
 
 
 def dataclass_without_kernel(site):
