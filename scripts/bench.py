@@ -146,6 +146,7 @@ def graph_time(fn, reps=20) -> float:
 # (K in, N out): Llama-3-8B q/k/v, o, gate+up (one launch), down; Llama-2-7B q/k/v, gate+up, down
 GEMV_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 12288), (4096, 22016), (11008, 4096)]
 GEMV_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9]
+MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel also forms SiLU(gate) * up
 
 
 def sweep_gemv(copy_gbs):
@@ -153,9 +154,11 @@ def sweep_gemv(copy_gbs):
     import kernels
     best = None
     for block_n in (64, 128):
-        for block_k in (64, 128, 256):
+        for block_k in (64, 128):
             for pps in (2, 4, 8):
                 for warps in (4, 8):
+                    if block_n * block_k > 8192:  # the 2-D accumulator spills (measured 10x slower)
+                        continue
                     tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
                     total = 0.0
                     for K, N in GEMV_SHAPES[:4]:
@@ -371,7 +374,11 @@ def _gemv_buffers(K, N, batch):
     return _GEMV_BUFS[key]
 
 
-def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False):
+def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=False):
+    """Seconds per sparse GEMV at sparsity s: input_sparse_gemv, its partial sums added by a
+    compiled op (compiled) or eagerly (batch > 1 decode and the -unfused rows run it); fused
+    (batch 1): kernels.sparse_gemv, what a batch-1 decode step runs (K chunks summed in-kernel;
+    on the merged gate+up shapes with SiLU(gate) * up)."""
     import kernels
     ws, wts, xs, a = _gemv_buffers(K, N, batch)
     n = len(ws)
@@ -380,12 +387,18 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False):
     tun = kernels.GEMV_TUNING if batch == 1 else kernels.GEMV_BATCH_TUNING
     old = dict(tun)
     tun.update(tuning or {})
-    block_n = kernels.block_n_for([N])
-    gemv = kernels.input_sparse_gemv
-    if compiled:  # the partial sums' reduction compiled as in a model (the sweep compares configurations eagerly)
-        torch._dynamo.reset()
-        gemv = torch.compile(gemv, fullgraph=True)
     try:
+        if fused:
+            swiglu = N in MERGED_GATE_UP
+            block_n = kernels.block_n_for([N // 2] if swiglu else [N])
+            counters = torch.zeros(N, dtype=torch.int32, device="cuda")
+            return graph_time(lambda i: kernels.sparse_gemv(xs[i % n], wts[i % n], t_col, None, None, block_n,
+                                                            counters, swiglu=swiglu))
+        block_n = kernels.block_n_for([N])
+        gemv = kernels.input_sparse_gemv
+        if compiled:  # the partial sums' reduction compiled as in a model (the sweep compares configurations eagerly)
+            torch._dynamo.reset()
+            gemv = torch.compile(gemv, fullgraph=True)
         return graph_time(lambda i: gemv(xs[i % n], wts[i % n], t_col, None, None, block_n))
     finally:
         tun.clear()
@@ -405,12 +418,14 @@ def bench_gemv(copy_gbs, batch=1):
         t_dense = min(t_cublas, t_kernel)
         for s in GEMV_SPARSITIES:
             t_sp = _time_sparse(K, N, s, batch, copy_gbs, compiled=True)
+            t_fused = _time_sparse(K, N, s, batch, copy_gbs, fused=True) if batch == 1 else float("nan")
             ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
             rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_cublas=t_cublas * 1e6,
                              us_dense_kernel=t_kernel * 1e6, us_ideal=ideal * 1e6, speedup=t_dense / t_sp,
-                             vs_ideal=t_sp / ideal))
+                             vs_ideal=t_sp / ideal, us_fused=t_fused * 1e6))
             r = rows[-1]
-            print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  cuBLAS "
+            print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  (fused "
+                  f"{r['us_fused']:7.1f} us)  cuBLAS "
                   f"{r['us_cublas']:7.1f} us  dense kernel {r['us_dense_kernel']:7.1f} us  "
                   f"ideal {r['us_ideal']:7.1f} us"
                   f"  speedup {r['speedup']:.2f}x  time/ideal {r['vs_ideal']:.2f}", flush=True)
@@ -447,11 +462,13 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         os.environ["ACTSPARSE_KERNELS"] = "0" if name == "dense-torch" else "1"
         # dense-sdpa: the gemv kernels, but the masked SDPA for decode attention at any cache length
         sp.DENSE_ATTENTION_KERNEL = name != "dense-sdpa"
+        # <method>-unfused: batch-1 sparse GEMVs as norm op, input_sparse_gemv, partial sums + residual ops
+        sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
         if name in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
-            kw = E2E[name]
+            kw = E2E[name.removesuffix("-unfused")]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -473,6 +490,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
               f"copy {copy_gbs:.0f} GB/s)", flush=True)
     os.environ["ACTSPARSE_KERNELS"] = "1"
     sp.DENSE_ATTENTION_KERNEL = True
+    sp.FUSED_SPARSE_GEMV = True
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -488,7 +506,8 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
-    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)}")
+    ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
+                                                  "(+ '-unfused': without kernels.sparse_gemv)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
