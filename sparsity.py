@@ -145,6 +145,11 @@ def threshold_input(x: Tensor, site: LinearSite, dense_rows=None):
     return c * kept, kept
 
 
+def _kernel_step(x: Tensor, stats) -> bool:
+    """A decode step on GPU (kernels enabled) that records nothing: the sites take the kernels."""
+    return stats is None and kernels.enabled(x) and kernels.is_decode(x)
+
+
 def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, name="", dense_rows=None,
                   weight=None, bias=None, residual=None, window=None) -> Tensor:
     """[residual +] linear(x); with a LinearSite, W (x - m) * 1[|x - m| > t] + W m. window: the
@@ -154,7 +159,7 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
         return y if residual is None else residual + y
     weight = linear.weight if linear is not None else weight
     bias = linear.bias if linear is not None else bias
-    if site.t_col is not None and stats is None and kernels.enabled(x) and kernels.is_decode(x):
+    if site.t_col is not None and _kernel_step(x, stats):
         return _kernel_linear(x, weight, bias, site, residual=residual, window=window)
     xs, kept = threshold_input(x, site, dense_rows)
     _record(stats, name, kept, dense_rows, xs)
@@ -169,8 +174,7 @@ def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsit
     """Fused q/k/v projection of norm(x) (or x); with sparsity, each of q, k, v thresholds the
     shared input with its own threshold (TEAL's greedy gives them different sparsities). A GPU
     decode step runs the norm inside the kernel."""
-    if attn is not None and attn.qkv_kernel is not None and attn.stats is None and kernels.enabled(x) \
-            and kernels.is_decode(x):
+    if attn is not None and attn.qkv_kernel is not None and _kernel_step(x, attn.stats):
         return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window)
     x = norm(x) if norm is not None else x
     if attn is None or attn.qkv is None:
@@ -185,7 +189,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
     """[residual +] the SwiGLU MLP of norm(x) (or x) under a projection-sparsity method.
     x: (B, S, dim). A GPU decode step runs the norm and the residual add inside its kernels."""
     m, st = mlp.method, mlp.stats
-    kernel = st is None and kernels.enabled(x) and kernels.is_decode(x)
+    kernel = _kernel_step(x, st)
     if kernel and mlp.down_kernel is not None:
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
