@@ -30,6 +30,10 @@ captures them in the CUDA graph with no graph break.
    normalised value), the K chunks' partial sums added by the program that finishes a column
    block last (an atomic counter per block, in the step's window tensor), then + W m, SiLU(gate)
    * up for the merged [gate; up] weights, or the residual add, written in the model dtype.
+   compact (sites calibrated to >= COMPACT_MIN_SPARSITY): each program first writes the list of
+   its chunk's kept channels (one load of the chunk, a prefix sum, a scatter to a scratch slot)
+   and then walks only those rows, so its loop is (1 - s) times as long; the masked walk over
+   every tile waits on each tile's loads however few rows they fetch (at 90%: about half the time).
 
 2. gated_rows: output-sparse GEMV over the rows n of W (output-major, nn.Linear's own
    layout) that a per-row criterion keeps, fused with the MLP's elementwise step:
@@ -274,6 +278,21 @@ if triton is not None:
         return tl.where(keep, c, 0.0), w
 
     @triton.jit
+    def _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK: tl.constexpr, NORM: tl.constexpr,
+                       SWIGLU: tl.constexpr):
+        """Writes to S, in order, the channels k0 <= k < k_end whose input passes a threshold (either
+        one with SWIGLU): the whole chunk in one load, positions by a prefix sum. Returns their count."""
+        offs = k0 + tl.arange(0, CHUNK)
+        ok = offs < k_end
+        x = _sparse_x(X, G, offs, ok, inv_rms, NORM)
+        keep = tl.abs(x - m1) > t1
+        if SWIGLU:
+            keep = keep | (tl.abs(x - m2) > t2)
+        keep = (keep & ok).to(tl.int32)
+        tl.store(S + tl.cumsum(keep, 0) - 1, offs, mask=keep != 0)
+        return tl.sum(keep, 0)
+
+    @triton.jit
     def _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU: tl.constexpr, HAS_SHIFT: tl.constexpr,
                          RESIDUAL: tl.constexpr):
         """Epilogue of _sparse_gemv_kernel on a finished block of sums: + W m, SiLU(gate) * up,
@@ -289,18 +308,19 @@ if triton is not None:
         tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, Y, K, N_OUT, col2, k_per_prog, split, stride_wk,
+    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, K, N_OUT, col2, k_per_prog, split, stride_wk,
                             stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
                             NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
-                            SPLIT_PAD: tl.constexpr):
+                            SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
         NORM: the input is RMSNorm(x) * G; each program first sums x^2 over all of x (K_PAD
         elements in one load, from L2), so the threshold applies to the normalised value.
         Then as _input_sparse_gemv_b1_kernel: a weight row is loaded only if its channel passes
-        |x' - m| > t (t, m uniform within the block). MERGE (several K chunks): each program
+        |x' - m| > t (t, m uniform within the block); COMPACT: over the list of kept channels
+        (_kept_channels), not every tile. MERGE (several K chunks): each program
         stores its partial sums in P; the program that finishes its column block last (an
         atomic counter per block, reset by it afterwards) sums them and runs the epilogue
         (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel."""
@@ -328,17 +348,36 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_K)
         acc1 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
-        x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
-        for kk in range(k0, k_end, BLOCK_K):
-            offs_k = kk + offs
-            xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
-            if SWIGLU:
-                xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
-            nxt = offs_k + BLOCK_K
-            x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
-            acc1 += xs1[:, None] * w1.to(tl.float32)
-            if SWIGLU:
-                acc2 += xs2[:, None] * w2.to(tl.float32)
+        if COMPACT:
+            # The kept channels' indices first (this program's slot of S), then tiles of kept
+            # channels only: the loop runs (1 - s) times as long and every loaded row is needed.
+            S += (pid_k * tl.num_programs(0) + pid_n) * CHUNK
+            n_kept = _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK, NORM, SWIGLU)
+            tl.debug_barrier()  # every thread's stores before any thread reads the list
+            idx = tl.load(S + offs, mask=offs < n_kept, other=k_end)  # k_end: padding, masked below
+            x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)
+            for j in range(0, n_kept, BLOCK_K):
+                xs1, w1 = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                if SWIGLU:
+                    xs2, w2 = _sparse_tile(WT + col2, idx, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                nxt = j + BLOCK_K + offs
+                idx = tl.load(S + nxt, mask=nxt < n_kept, other=k_end)
+                x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                acc1 += xs1[:, None] * w1.to(tl.float32)
+                if SWIGLU:
+                    acc2 += xs2[:, None] * w2.to(tl.float32)
+        else:
+            x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
+            for kk in range(k0, k_end, BLOCK_K):
+                offs_k = kk + offs
+                xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                if SWIGLU:
+                    xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                nxt = offs_k + BLOCK_K
+                x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                acc1 += xs1[:, None] * w1.to(tl.float32)
+                if SWIGLU:
+                    acc2 += xs2[:, None] * w2.to(tl.float32)
         y1 = tl.sum(acc1, 0)
         y2 = tl.sum(acc2, 0)
         if MERGE:
@@ -613,6 +652,9 @@ def _num_sms(device) -> int:
 
 
 # Launch configurations, each the best of a sweep on an H100 (BENCHMARKS.md, `scripts/bench.py --sweep`).
+# sparse_gemv(compact=True) from this calibrated sparsity on: on the H100 the kept-channel list
+# cost up to 2 us more per GEMV at 50% sparsity and saved 0-5 us at 70%, 1-16 us at 90% (BENCHMARKS.md).
+COMPACT_MIN_SPARSITY = 0.6
 GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
 GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4)  # input_sparse_gemv, batch 2..8
 DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
@@ -679,12 +721,13 @@ if triton is not None:
     @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
     def sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor], block_n: int,
                     counters: Tensor, g: Optional[Tensor] = None, eps: float = 0.0, r: Optional[Tensor] = None,
-                    swiglu: bool = False) -> Tensor:
+                    swiglu: bool = False, compact: bool = False) -> Tensor:
         """See sparse_gemv_ref (same arguments; x: (1, K), t, m, shift: (N,) fp32 with t and m
         constant within each block_n block; r: (1, N_out)), one launch. counters: int32 zeros,
         at least one per block_n block of output columns, left at zero (the window tensor's tail,
         sparsity.visible_window). Returns (1, N_out), N_out = N (N / 2 with swiglu), in r's dtype
-        with a residual, else x's."""
+        with a residual, else x's. compact: each program first lists its chunk's kept channels,
+        then walks only those (faster from about 60% sparsity on, slower below: COMPACT_MIN_SPARSITY)."""
         K = x.shape[1]
         N = wt.shape[1]
         n_out = N // 2 if swiglu else N
@@ -698,18 +741,21 @@ if triton is not None:
                              "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
         y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
         p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
+        chunk = triton.next_power_of_2(cfg["K_PER_PROG"])
+        s = torch.empty(n_blocks * split * chunk if compact else 0, dtype=torch.int32, device=x.device)
         _sparse_gemv_kernel[(n_blocks, split)](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
-            r.contiguous() if r is not None else y, p, counters, y, K, n_out, n_out, cfg["K_PER_PROG"], split,
+            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, cfg["K_PER_PROG"], split,
             wt.stride(0), N, float(eps), BLOCK_N=block_n,
             BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
             K_PAD=triton.next_power_of_2(K) if g is not None else 16, NORM=g is not None, HAS_MODE=m is not None,
             SWIGLU=swiglu, HAS_SHIFT=shift is not None, RESIDUAL=r is not None, MERGE=split > 1,
-            SPLIT_PAD=triton.next_power_of_2(split), num_warps=cfg["num_warps"])
+            SPLIT_PAD=triton.next_power_of_2(split), COMPACT=compact, CHUNK=chunk,
+            num_warps=cfg["num_warps"])
         return y
 
     @sparse_gemv.register_fake
-    def _(x, wt, t, m, shift, block_n, counters, g=None, eps=0.0, r=None, swiglu=False):
+    def _(x, wt, t, m, shift, block_n, counters, g=None, eps=0.0, r=None, swiglu=False, compact=False):
         return x.new_empty(1, wt.shape[1] // 2 if swiglu else wt.shape[1], dtype=r.dtype if r is not None else x.dtype)
 
     @torch.library.custom_op("actsparse::gemv", mutates_args=())
@@ -919,6 +965,13 @@ def make_input_major_merged(linears) -> Tensor:
         lin.weight = torch.nn.Parameter(wt[:, off:off + n].t(), requires_grad=False)
         off += n
     return wt.t()
+
+
+def make_output_major(linear: torch.nn.Linear):
+    """Back to nn.Linear's own (out, in) row-major storage (what the dense gemv kernel and
+    gated_rows read), e.g. when a config without a sparse site here replaces one with it."""
+    if not linear.weight.is_contiguous():
+        linear.weight = torch.nn.Parameter(linear.weight.detach().contiguous(), requires_grad=False)
 
 
 def make_input_major(linear: torch.nn.Linear):

@@ -67,6 +67,7 @@ class LinearSite:
     threshold: Tensor  # scalar
     mode: Optional[Tensor] = None  # scalar or None (= 0)
     shift_bias: Optional[Tensor] = None  # (out,) fp32, W m; filled by apply()
+    sparsity: float = 0.0  # the calibration target (fraction of inputs skipped): picks the kernel's loop
     # For kernels.input_sparse_gemv, filled by apply(): per-output-column t and m, block size.
     t_col: Optional[Tensor] = None
     m_col: Optional[Tensor] = None
@@ -110,7 +111,7 @@ class MLPSparsity:
     up: Optional[LinearSite] = None
     down: Optional[LinearSite] = None
     threshold: Optional[Tensor] = None  # cats: on |SiLU(g)|; m-countdown: on |u|
-    ratio: Optional[float] = None  # d-countdown-oracle: fraction of |s| dropped per token
+    ratio: Optional[float] = None  # the target fraction of zero coefficients (d-countdown-oracle: per token)
     predictor_v: Optional[Tensor] = None  # d-countdown: logit = (x V) U^T + b, V: (dim, r)
     predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
     predictor_b: Optional[Tensor] = None  # b: (d_ff,)
@@ -240,12 +241,14 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
     """Decode step on GPU: [residual +] the thresholded input-sparse GEMV of norm(x) (weights
     stored input-major; swiglu: [gate; up] merged, SiLU(g) * u). One sequence with the step's
     window (FUSED_SPARSE_GEMV): one kernel, the norm, the partial sums' reduction and the
-    residual add inside (kernels.sparse_gemv); otherwise norm, kernel, sums, add, as ops."""
+    residual add inside (kernels.sparse_gemv; sites calibrated to high sparsity walk a list of the
+    kept channels); otherwise norm, kernel, sums, add, as ops."""
     B, S, K = x.shape
     if B == 1 and window is not None and FUSED_SPARSE_GEMV:
         y = kernels.sparse_gemv(x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n,
                                 window[2:], *kernels.norm_args(norm),
-                                residual.view(1, -1) if residual is not None else None, swiglu)
+                                residual.view(1, -1) if residual is not None else None, swiglu,
+                                site.sparsity >= kernels.COMPACT_MIN_SPARSITY)  # list the kept channels first
         return (y if bias is None else y + bias).view(B, 1, -1)
     x = norm(x) if norm is not None else x
     y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n)
@@ -535,10 +538,15 @@ def load_config(path) -> SparsityConfig:
 
 
 def apply(model, cfg: Optional[SparsityConfig]):
-    """Attach per-layer sparsity configs to the model (None removes them: dense again)."""
+    """Attach per-layer sparsity configs to the model (None removes them: dense again). Weights
+    go back to nn.Linear's layout first; prepare_kernels then stores input-major (GPU) only
+    the projections this config thresholds, so every other one keeps the dense kernels."""
     for layer in model.layers:
         layer.attention.sparsity = None
         layer.feed_forward.sparsity = None
+        for lin in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.gate, layer.feed_forward.up,
+                    layer.feed_forward.down):
+            kernels.make_output_major(lin)
     if cfg is None:
         return model
     h = cfg.header
@@ -556,7 +564,7 @@ def apply(model, cfg: Optional[SparsityConfig]):
             key = f"layers.{i}.{name}.threshold"
             if key in T:
                 mode = T.get(f"layers.{i}.{name}.mode")
-                sites[name] = LinearSite(T[key], mode)
+                sites[name] = LinearSite(T[key], mode, sparsity=float(lh.get("targets", {}).get(name, 0.0)))
         attn = AttentionSparsity(q=sites.get("q"), k=sites.get("k"), v=sites.get("v"), o=sites.get("o"),
                                  sizes=(c.q_size, c.kv_size, c.kv_size))
         wq, wk, wv = layer.attention.wqkv.weight.split(attn.sizes)
@@ -614,7 +622,7 @@ def prepare_kernels(layer, c, force=False):
         else:
             mlp.kernel_t = float(mlp.threshold) if mlp.threshold is not None else 0.0
             mlp.down_kernel = LinearSite(torch.tensor(0.0), t_col=torch.zeros(c.dim, device=ffn.down.weight.device),
-                                         block_n=kernels.block_n_for([c.dim]))
+                                         block_n=kernels.block_n_for([c.dim]), sparsity=mlp.ratio or 0.0)
             kernels.make_input_major(ffn.down)
 
 
@@ -631,7 +639,8 @@ def _merged_site(sites, sizes, dev) -> LinearSite:
                            else torch.zeros(n, device=dev) for s, n in zip(sites, sizes)])
     return LinearSite(torch.tensor(0.0), shift_bias=shift, t_col=cols(lambda s: s.threshold, -1.0),
                       m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0) if has_mode else None,
-                      block_n=kernels.block_n_for(sizes))
+                      block_n=kernels.block_n_for(sizes),
+                      sparsity=min(s.sparsity if s is not None else 0.0 for s in sites))  # a dense part: masked loop
 
 
 def _prepare_site(site: LinearSite, linear):

@@ -150,11 +150,11 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 
 
 def sweep_gemv(copy_gbs):
-    """Try launch configurations of input_sparse_gemv (batch 1) on the Llama-3-8B shapes."""
+    """Try launch configurations of sparse_gemv (batch 1, what a decode step runs) on the Llama-3-8B shapes."""
     import kernels
     best = None
-    for block_n in (64, 128):
-        for block_k in (64, 128):
+    for block_n in (32, 64, 128):
+        for block_k in (64, 128, 256):
             for pps in (2, 4, 8):
                 for warps in (4, 8):
                     if block_n * block_k > 8192:  # the 2-D accumulator spills (measured 10x slower)
@@ -163,7 +163,8 @@ def sweep_gemv(copy_gbs):
                     total = 0.0
                     for K, N in GEMV_SHAPES[:4]:
                         for s in (0.0, 0.5, 0.9):
-                            total += _time_sparse(K, N, s, 1, copy_gbs, tn)
+                            total += _time_sparse(K, N, s, 1, copy_gbs, tn, fused=True,
+                                                  compact=s >= kernels.COMPACT_MIN_SPARSITY)
                     print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
                     if best is None or total < best[0]:
                         best = (total, tn)
@@ -374,11 +375,12 @@ def _gemv_buffers(K, N, batch):
     return _GEMV_BUFS[key]
 
 
-def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=False):
+def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=False, compact=True):
     """Seconds per sparse GEMV at sparsity s: input_sparse_gemv, its partial sums added by a
     compiled op (compiled) or eagerly (batch > 1 decode and the -unfused rows run it); fused
     (batch 1): kernels.sparse_gemv, what a batch-1 decode step runs (K chunks summed in-kernel;
-    on the merged gate+up shapes with SiLU(gate) * up)."""
+    on the merged gate+up shapes with SiLU(gate) * up); compact=False: its loop over every
+    tile of x with the skipped rows' loads masked off (what sites below kernels.COMPACT_MIN_SPARSITY run)."""
     import kernels
     ws, wts, xs, a = _gemv_buffers(K, N, batch)
     n = len(ws)
@@ -393,7 +395,7 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=Fa
             block_n = kernels.block_n_for([N // 2] if swiglu else [N])
             counters = torch.zeros(N, dtype=torch.int32, device="cuda")
             return graph_time(lambda i: kernels.sparse_gemv(xs[i % n], wts[i % n], t_col, None, None, block_n,
-                                                            counters, swiglu=swiglu))
+                                                            counters, swiglu=swiglu, compact=compact))
         block_n = kernels.block_n_for([N])
         gemv = kernels.input_sparse_gemv
         if compiled:  # the partial sums' reduction compiled as in a model (the sweep compares configurations eagerly)
@@ -419,13 +421,18 @@ def bench_gemv(copy_gbs, batch=1):
         for s in GEMV_SPARSITIES:
             t_sp = _time_sparse(K, N, s, batch, copy_gbs, compiled=True)
             t_fused = _time_sparse(K, N, s, batch, copy_gbs, fused=True) if batch == 1 else float("nan")
+            t_masked = _time_sparse(K, N, s, batch, copy_gbs, fused=True, compact=False) if batch == 1 \
+                else float("nan")
             ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
+            t_model = t_fused if s >= kernels.COMPACT_MIN_SPARSITY else t_masked  # what a site at s runs
             rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_cublas=t_cublas * 1e6,
                              us_dense_kernel=t_kernel * 1e6, us_ideal=ideal * 1e6, speedup=t_dense / t_sp,
-                             vs_ideal=t_sp / ideal, us_fused=t_fused * 1e6))
+                             vs_ideal=t_sp / ideal, us_fused_compact=t_fused * 1e6,
+                             us_fused_masked=t_masked * 1e6, fused_vs_ideal=t_model / ideal))
             r = rows[-1]
-            print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  (fused "
-                  f"{r['us_fused']:7.1f} us)  cuBLAS "
+            print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  (fused: compact "
+                  f"{r['us_fused_compact']:6.1f} us, masked {r['us_fused_masked']:6.1f} us, the model's "
+                  f"{r['fused_vs_ideal']:.2f}x ideal)  cuBLAS "
                   f"{r['us_cublas']:7.1f} us  dense kernel {r['us_dense_kernel']:7.1f} us  "
                   f"ideal {r['us_ideal']:7.1f} us"
                   f"  speedup {r['speedup']:.2f}x  time/ideal {r['vs_ideal']:.2f}", flush=True)
@@ -446,16 +453,13 @@ E2E = {  # name -> calibrate() keyword arguments (paper operating points)
 
 def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     import calibrate as cal
+    import kernels
     import sparsity as sp
+    compact_min = kernels.COMPACT_MIN_SPARSITY
     torch.manual_seed(0)
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
     rows, dense_tok_s = [], None
-    dense_names = ("dense", "dense-torch", "dense-sdpa")
-    first_sparse = next((i for i, n in enumerate(names) if n not in dense_names), len(names))
-    if any(n in dense_names for n in names[first_sparse:]):
-        # a sparse config leaves gate/up/... weights input-major, where dense falls back to F.linear
-        raise SystemExit("bench.py: list the dense rows (dense, dense-torch, dense-sdpa) before the sparse ones")
     for name in names:
         t0 = time.perf_counter()
         # dense-torch: dense with every kernel off (inductor's / cuBLAS's GEMVs, masked SDPA), as gpt-fast
@@ -464,11 +468,13 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         sp.DENSE_ATTENTION_KERNEL = name != "dense-sdpa"
         # <method>-unfused: batch-1 sparse GEMVs as norm op, input_sparse_gemv, partial sums + residual ops
         sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
+        # <method>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
+        kernels.COMPACT_MIN_SPARSITY = float("inf") if name.endswith("-masked") else compact_min
         if name in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
-            kw = E2E[name.removesuffix("-unfused")]
+            kw = E2E[name.removesuffix("-unfused").removesuffix("-masked")]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -491,6 +497,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     os.environ["ACTSPARSE_KERNELS"] = "1"
     sp.DENSE_ATTENTION_KERNEL = True
     sp.FUSED_SPARSE_GEMV = True
+    kernels.COMPACT_MIN_SPARSITY = compact_min
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -507,7 +514,8 @@ def main():
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
-                                                  "(+ '-unfused': without kernels.sparse_gemv)")
+                                                  "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
+                                                  "sparse_gemv without the kept-channel list)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")

@@ -86,10 +86,12 @@ def test_input_sparse_gemv_mode_shift(B):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("fused", ["", "norm", "residual", "norm+mode+shift", "swiglu", "swiglu+norm+mode+shift"])
 @pytest.mark.parametrize("programs_per_sm", [8, 1])  # several K chunks merged in-kernel / one chunk
-def test_sparse_gemv(dtype, sparsity, fused, programs_per_sm, monkeypatch):
+@pytest.mark.parametrize("compact", [False, True])  # every tile, masked / the list of kept channels
+def test_sparse_gemv(dtype, sparsity, fused, programs_per_sm, compact, monkeypatch):
     """The batch-1 fused sparse GEMV: RMSNorm prologue (threshold on the normalised input),
     per-projection thresholds and modes, SiLU(gate) * up, W m and the residual in the epilogue,
-    K chunks summed by the last program; odd shapes, poisoned output, counters left at zero."""
+    K chunks summed by the last program; odd shapes, poisoned output, counters left at zero;
+    the masked walk and the kept-channel list (gate and up with different thresholds: their union)."""
     monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=programs_per_sm))
     K, N = 200, 96  # K: several chunks, not a multiple of BLOCK_K; N: "projections" of 64 and 32 (swiglu: 48 + 48)
     swiglu = "swiglu" in fused
@@ -108,7 +110,7 @@ def test_sparse_gemv(dtype, sparsity, fused, programs_per_sm, monkeypatch):
     r = (10 * torch.randn(1, n_out, device=DEVICE)).to(dtype) if "residual" in fused else None
     counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
     torch.empty(1, n_out, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
-    y = kernels.sparse_gemv(x, wt, t, m, shift, kernels.block_n_for(sizes), counters, g, 1e-5, r, swiglu)
+    y = kernels.sparse_gemv(x, wt, t, m, shift, kernels.block_n_for(sizes), counters, g, 1e-5, r, swiglu, compact)
     assert y.dtype == dtype and y.shape == (1, n_out) and not torch.isnan(y).any()
     assert torch.equal(counters, torch.zeros_like(counters))
     ref = kernels.sparse_gemv_ref(x, wt, t, m, shift, g, 1e-5, r, swiglu)
@@ -312,23 +314,28 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
                 assert rel_err(sp._kernel_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
 
 
-@pytest.mark.parametrize("method,dtype", [("teal", torch.float32), ("teal", torch.bfloat16), ("scap", torch.float32),
-                                          ("cats", torch.float32), ("m-countdown", torch.float32),
-                                          ("d-countdown", torch.float32)])
-def test_model_sparse_decode_fused_path_equals_reference(method, dtype, monkeypatch):
+@pytest.mark.parametrize("method,dtype,sparsity", [
+    ("teal", torch.float32, 0.5), ("teal", torch.bfloat16, 0.5), ("scap", torch.float32, None),
+    ("cats", torch.float32, 0.5), ("m-countdown", torch.float32, 0.5), ("d-countdown", torch.float32, 0.5),
+    # calibrated to >= COMPACT_MIN_SPARSITY: the kept-channel-list loop
+    ("teal", torch.float32, 0.7), ("teal", torch.bfloat16, 0.7), ("cats", torch.float32, 0.7),
+    ("m-countdown", torch.float32, 0.7), ("d-countdown", torch.float32, 0.7)])
+def test_model_sparse_decode_fused_path_equals_reference(method, dtype, sparsity, monkeypatch):
     """A sparse model's batch-1 decode steps through kernels.sparse_gemv (RMSNorm, thresholds,
     K-chunk sums, SiLU * up and the residual adds inside; the step's window supplies the
-    counters) give the logits of the plain-PyTorch path."""
+    counters) give the logits of the plain-PyTorch path; sites calibrated to high sparsity
+    (SCAP's spec here: 0.3-0.5, below) walk the kept-channel list."""
     import calibrate as cal
     import sparsity as sp
     monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=32, programs_per_sm=8))
     cfg_m, model = tiny_model(std=0.2, norm_std=0.2)
-    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), method=method, sparsity=0.5, rank=8,
+    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), method=method, sparsity=sparsity or 0.5,
+                        rank=8,
                         progress=False, scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,"
                                             "down,kde,0.5")
     calls = []
     real = kernels.sparse_gemv
-    monkeypatch.setattr(kernels, "sparse_gemv", lambda *a: calls.append(a[7] is not None) or real(*a))
+    monkeypatch.setattr(kernels, "sparse_gemv", lambda *a: calls.append((a[7] is not None, a[11])) or real(*a))
 
     def prepare(model):
         sp.apply(model, cfg)
@@ -337,11 +344,40 @@ def test_model_sparse_decode_fused_path_equals_reference(method, dtype, monkeypa
 
     err_kernel, err_torch = decode_errors(model, dtype, monkeypatch, prepare)
     per_layer = {"teal": (2, 2), "scap": (2, 2)}.get(method, (0, 1))  # (with the norm, without): qkv, gate/up; o, down
-    assert calls.count(True) == 3 * 2 * per_layer[0] and calls.count(False) == 3 * 2 * per_layer[1]
+    with_norm = [norm for norm, _ in calls]
+    assert with_norm.count(True) == 3 * 2 * per_layer[0] and with_norm.count(False) == 3 * 2 * per_layer[1]
+    assert all(compact == ((sparsity or 0) >= kernels.COMPACT_MIN_SPARSITY) for _, compact in calls)
     # fp32: the same function. bf16: channels near a threshold fall on either side in the two
     # paths (the kernel thresholds the fp32 RMSNorm(x) * g, the PyTorch path its bf16 rounding),
     # so only "no worse than the PyTorch path" is asked.
     assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
+
+
+def test_apply_restores_layouts():
+    """Each config gets the weight layouts it needs: a TEAL config stores every thresholded
+    projection input-major; applying CATS afterwards (or no config) gives the projections it does
+    not threshold back their row-major layout (the dense gemv and gated_rows read that), same logits."""
+    import calibrate as cal
+    import sparsity as sp
+    cfg_m, model = tiny_model(std=0.2)
+    tokens = torch.randint(0, 61, (2, 16), device=DEVICE)
+    with torch.no_grad():
+        dense = model(tokens)
+    layer = model.layers[0]
+    linears = {"wqkv": layer.attention.wqkv, "wo": layer.attention.wo, "gate": layer.feed_forward.gate,
+               "up": layer.feed_forward.up, "down": layer.feed_forward.down}
+
+    def input_major():
+        return {n for n, lin in linears.items() if not lin.weight.is_contiguous()}
+
+    for method, expect in (("teal", set(linears)), ("cats", {"down"}), (None, set())):
+        cfg = cal.calibrate(model, tokens, method=method, sparsity=0.5, progress=False) if method else None
+        sp.apply(model, cfg)
+        for lay in model.layers:
+            sp.prepare_kernels(lay, cfg_m, force=True)
+        assert input_major() == expect, method
+    with torch.no_grad():
+        assert torch.equal(model(tokens), dense)
 
 
 def dataclass_without_kernel(site):
