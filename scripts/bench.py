@@ -306,6 +306,7 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
         n_buf = len(ks)
         t_flash = graph_time(lambda i: torch.nn.functional.scaled_dot_product_attention(
             q, ks[i % n_buf], vs[i % n_buf], enable_gqa=True))
+        t_dense = graph_time(lambda i: kernels.decode_attention(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
         a = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), ks[0].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
         for keep in (1.0, 0.25, 0.1, 0.03):
             theta = thresholds_keeping(q[:, :, 0], ks[0], keep)
@@ -314,10 +315,11 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
             sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
             ideal = (1 + v_frac) * B * Hkv * L * D * 2 / (copy_gbs * 1e9)
             rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_sdpa_mask=t_mask * 1e6,
-                             us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6))
+                             us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6, us_dense_kernel=t_dense * 1e6))
             print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel {sec * 1e6:7.1f} us  "
                   f"SDPA masked {t_mask * 1e6:7.1f} us  SDPA no mask {t_flash * 1e6:7.1f} us  "
-                  f"ideal {ideal * 1e6:6.1f} us  speedup vs masked SDPA {t_mask / sec:.2f}x", flush=True)
+                  f"dense kernel {t_dense * 1e6:7.1f} us  ideal {ideal * 1e6:6.1f} us  speedup vs masked SDPA "
+                  f"{t_mask / sec:.2f}x, vs the dense kernel {t_dense / sec:.2f}x", flush=True)
         ks = vs = None  # free the caches before the next length
         torch.cuda.empty_cache()
     return rows
