@@ -249,8 +249,9 @@ def thresholds_keeping(q, k, keep):
 
 
 def sweep_attention(copy_gbs):
-    """Launch configurations of theta_attention (eager merge: same overhead for every
-    configuration), Llama-3-8B heads, 10% of scores kept, 8k and 32k keys."""
+    """Launch configurations of theta_attention, compiled as in a model (the PyTorch merge fused),
+    Llama-3-8B heads, 10% of scores kept, 8k and 32k keys; merge_block 0 merges the key chunks
+    in PyTorch, > 0 in the kernel (that many chunks per load). Sets ATTN_TUNING to the best."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
@@ -260,19 +261,24 @@ def sweep_attention(copy_gbs):
         ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         caches.append((ks, vs, thresholds_keeping(q, ks[0], 0.1),
-                       torch.tensor([0, L], dtype=torch.int32, device="cuda")))
-    for block_l in (32, 64, 128):
-        for pps in (1, 2, 4, 8):
-            for warps in (2, 4, 8):
-                kernels.ATTN_TUNING.update(block_l=block_l, programs_per_sm=pps, num_warps=warps)
-                total = 0.0
-                for ks, vs, theta, lohi in caches:
-                    total += graph_time(lambda i: kernels.theta_attention(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
-                print(f"attention sweep block_l={block_l} programs_per_sm={pps} warps={warps}: "
-                      f"{total * 1e6:.1f} us", flush=True)
-                if best is None or total < best[0]:
-                    best = (total, dict(kernels.ATTN_TUNING))
+                       torch.tensor([0, L] + [0] * (B * Hkv), dtype=torch.int32, device="cuda")))  # + counters
+    for merge_block in (0, 8, 16, 32):
+        for block_l in (32, 64):
+            for pps in (2, 4, 8):
+                for warps in (2, 4):
+                    kernels.ATTN_TUNING.update(block_l=block_l, programs_per_sm=pps, num_warps=warps,
+                                               merge_block=merge_block)
+                    torch._dynamo.reset()
+                    attend = torch.compile(kernels.theta_attention, fullgraph=True)
+                    total = 0.0
+                    for ks, vs, theta, lohi in caches:
+                        total += graph_time(lambda i: attend(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
+                    print(f"attention sweep merge_block={merge_block} block_l={block_l} programs_per_sm={pps} "
+                          f"warps={warps}: {total * 1e6:.1f} us", flush=True)
+                    if best is None or total < best[0]:
+                        best = (total, dict(kernels.ATTN_TUNING))
     kernels.ATTN_TUNING.update(best[1])
+    torch._dynamo.reset()
     print(f"best theta_attention configuration: {best[1]}", flush=True)
     return best[1]
 
@@ -299,7 +305,9 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     the 4 heads sharing it keeps it."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
-    attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the chunk merge fused, as in a model
+    tuned = kernels.ATTN_TUNING["merge_block"]
+    merges = dict(pytorch=0, kernel=tuned or KERNEL_MERGE_BLOCK)  # the PyTorch merge and the in-kernel one
+    attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the PyTorch merge fused, as in a model
     rows = []
     for L in lengths:
         ks, vs, q, lohi, t_mask = _attention_case(L, B, H, Hkv, D)
@@ -312,51 +320,60 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
             theta = thresholds_keeping(q[:, :, 0], ks[0], keep)
             kept = a[0] > theta[:, None]
             v_frac = float(kept.view(Hkv, H // Hkv, L).any(1).float().mean())
-            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
+            us = {}
+            for m, merge_block in merges.items():  # read when traced: dynamo's guard recompiles per value
+                kernels.ATTN_TUNING["merge_block"] = merge_block
+                us[m] = 1e6 * graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
+            kernels.ATTN_TUNING["merge_block"] = tuned
+            sec = us["pytorch" if tuned == 0 else "kernel"] / 1e6  # what a model runs
             ideal = (1 + v_frac) * B * Hkv * L * D * 2 / (copy_gbs * 1e9)
-            rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_sdpa_mask=t_mask * 1e6,
-                             us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6, us_dense_kernel=t_dense * 1e6))
-            print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel {sec * 1e6:7.1f} us  "
+            rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_pytorch_merge=us["pytorch"],
+                             us_kernel_merge=us["kernel"], kernel_merge_block=merges["kernel"],
+                             us_sdpa_mask=t_mask * 1e6, us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6,
+                             us_dense_kernel=t_dense * 1e6))
+            print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel, PyTorch merge "
+                  f"{us['pytorch']:6.1f} us, in-kernel merge ({merges['kernel']} per load) {us['kernel']:6.1f} us  "
                   f"SDPA masked {t_mask * 1e6:7.1f} us  SDPA no mask {t_flash * 1e6:7.1f} us  "
-                  f"dense kernel {t_dense * 1e6:7.1f} us  ideal {ideal * 1e6:6.1f} us  speedup vs masked SDPA "
+                  f"dense kernel {t_dense * 1e6:7.1f} us  ideal {ideal * 1e6:6.1f} us  the model's: vs masked SDPA "
                   f"{t_mask / sec:.2f}x, vs the dense kernel {t_dense / sec:.2f}x", flush=True)
         ks = vs = None  # free the caches before the next length
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256), kpps=(32, 64, 128, 256, 512), ppss=(1, 2, 4)):
+def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256, 32768), kpps=(64, 128, 256), ppss=(1, 2, 4, 8),
+                          merge_blocks=(1, 16)):
     """Dense decode attention: kernels.decode_attention (compiled; chunks merged in-kernel) for
-    several (keys_per_program, programs_per_sm) vs the masked SDPA, Llama-3-8B heads, batch 1,
-    every cache position visible. Sets DENSE_ATTN_TUNING to the pair whose time relative to the best
-    pair at each length sums lowest (a raw sum would let the longest cache decide alone)."""
+    several (keys_per_program, programs_per_sm, merge_block) vs the masked SDPA, Llama-3-8B heads,
+    batch 1, every cache position visible. Sets DENSE_ATTN_TUNING to the triple whose time relative
+    to the best at each length sums lowest (a raw sum would let the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
+    configs = [(kpp, pps, mb) for kpp in kpps for pps in ppss for mb in merge_blocks]
     rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
-        line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, programs_per_sm):"
-        for kpp in kpps:
-            for pps in ppss:
-                kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps)
-                torch._dynamo.reset()
-                attend = torch.compile(kernels.decode_attention, fullgraph=True)
-                sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
-                times[L, kpp, pps] = sec
-                splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
-                rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, splits=splits, us=sec * 1e6,
-                                 us_sdpa_mask=t_sdpa * 1e6))
-                line += f" ({kpp},{pps}): {sec * 1e6:.1f} [{splits}]"
+        line = (f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, "
+                f"programs_per_sm, merge_block):")
+        for kpp, pps, mb in configs:
+            kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb)
+            torch._dynamo.reset()
+            attend = torch.compile(kernels.decode_attention, fullgraph=True)
+            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
+            times[L, kpp, pps, mb] = sec
+            splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
+            rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, splits=splits,
+                             us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
+            line += f" ({kpp},{pps},{mb}): {sec * 1e6:.1f} [{splits}]"
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
-    score = {(kpp, pps): sum(times[L, kpp, pps] / min(t for (l2, _, _), t in times.items() if l2 == L) for L in lengths)
-             for kpp in kpps for pps in ppss}
-    kpp, pps = min(score, key=score.get)
-    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps)
-    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps} "
-          f"(sum of time / best time per length {score[kpp, pps]:.2f} over {len(lengths)} lengths)", flush=True)
+    score = {c: sum(times[(L, *c)] / min(times[(L, *c2)] for c2 in configs) for L in lengths) for c in configs}
+    kpp, pps, mb = min(score, key=score.get)
+    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb)
+    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps}, merge_block {mb} "
+          f"(sum of time / best time per length {score[kpp, pps, mb]:.2f} over {len(lengths)} lengths)", flush=True)
     return rows
 
 
@@ -441,6 +458,7 @@ def bench_gemv(copy_gbs, batch=1):
     return rows
 
 
+KERNEL_MERGE_BLOCK = 16  # --attention's in-kernel merge column and -kmerge rows, unless --attention-sweep picked one
 E2E = {  # name -> calibrate() keyword arguments (paper operating points)
     "teal25": dict(method="teal", sparsity=0.25), "teal40": dict(method="teal", sparsity=0.4),
     "teal50": dict(method="teal", sparsity=0.5), "cats50": dict(method="cats", sparsity=0.5),
@@ -457,7 +475,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     import calibrate as cal
     import kernels
     import sparsity as sp
-    compact_min = kernels.COMPACT_MIN_SPARSITY
+    compact_min, attn_merge = kernels.COMPACT_MIN_SPARSITY, kernels.ATTN_TUNING["merge_block"]
     torch.manual_seed(0)
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
@@ -472,11 +490,15 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
         # <method>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
         kernels.COMPACT_MIN_SPARSITY = float("inf") if name.endswith("-masked") else compact_min
+        # <method>-pmerge / -kmerge: Top-Theta's key chunks merged in PyTorch / by the kernel's last program
+        kernels.ATTN_TUNING["merge_block"] = 0 if name.endswith("-pmerge") else \
+            (attn_merge or KERNEL_MERGE_BLOCK) if name.endswith("-kmerge") else attn_merge
         if name in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
-            kw = E2E[name.removesuffix("-unfused").removesuffix("-masked")]
+            base, suffix = name.rsplit("-", 1) if "-" in name else (name, "")
+            kw = E2E[base if suffix in ("unfused", "masked", "pmerge", "kmerge") else name]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -500,6 +522,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     sp.DENSE_ATTENTION_KERNEL = True
     sp.FUSED_SPARSE_GEMV = True
     kernels.COMPACT_MIN_SPARSITY = compact_min
+    kernels.ATTN_TUNING["merge_block"] = attn_merge
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -517,7 +540,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
                                                   "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
-                                                  "sparse_gemv without the kept-channel list)")
+                                                  "sparse_gemv without the kept-channel list, '-pmerge' / "
+                                                  "'-kmerge': Top-Theta's chunks merged in PyTorch / in-kernel)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
