@@ -735,7 +735,9 @@ SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv 
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
 # (decode|theta)_attention; merge_block 0: Top-Theta's chunks merged in PyTorch (measured), > 0 in-kernel (to measure)
 ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2, merge_block=0)
-# decode_attention's key chunks, merged in-kernel merge_block per load (1: one at a time, as measured)
+# decode_attention's key chunks, merged in-kernel merge_block per load (1: one at a time, as measured); the
+# keys it leaves out (block_l, num_warps) come from ATTN_TUNING. Compiled for sm_90 (ptxas -v), 2 warps spill
+# ~100 bytes of registers, 4 do not (211 registers): not yet timed.
 DENSE_ATTN_TUNING = dict(keys_per_program=128, programs_per_sm=1, merge_block=1)
 
 
@@ -974,15 +976,16 @@ if triton is not None:
         stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
         out = q.new_empty((B, H, D) if in_kernel else (0,))
         rep = H // Hkv
+        tn = dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
         _theta_attention_kernel[(B * Hkv, n_split)](
             q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if in_kernel else acc,
             B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
             REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
-            BLOCK_L=ATTN_TUNING["block_l"], DOT_FP32=q.dtype == torch.float32 or INTERPRET, DENSE=dense,
+            BLOCK_L=tn["block_l"], DOT_FP32=q.dtype == torch.float32 or INTERPRET, DENSE=dense,
             NORMALIZE=in_kernel and n_split == 1, MERGE=merge, SDC=sdc, REP_P2=triton.next_power_of_2(rep),
-            MERGE_BLOCK=max(1, merge_block), num_warps=ATTN_TUNING["num_warps"])
+            MERGE_BLOCK=max(1, merge_block), num_warps=tn["num_warps"])
         return [acc, stats, out]
 
     @theta_attention_partials.register_fake

@@ -155,17 +155,20 @@ def sweep_gemv(copy_gbs):
     best = None
     for block_n in (32, 64, 128):
         for block_k in (64, 128, 256):
-            for pps in (2, 4, 8):
+            # 3 (2 for gate+up): what fits an SM at block 128 x 64 (scripts/kernel_regs.py), one wave
+            for pps in (2, 3, 4, 8):
                 for warps in (4, 8):
                     if block_n * block_k > 8192:  # the 2-D accumulator spills (measured 10x slower)
                         continue
                     tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
-                    total = 0.0
+                    per_shape = {}
                     for K, N in GEMV_SHAPES[:4]:
-                        for s in (0.0, 0.5, 0.9):
-                            total += _time_sparse(K, N, s, 1, copy_gbs, tn, fused=True,
-                                                  compact=s >= kernels.COMPACT_MIN_SPARSITY)
-                    print(f"sweep {tn}: sum of times {total * 1e6:.1f} us", flush=True)
+                        per_shape[K, N] = sum(_time_sparse(K, N, s, 1, copy_gbs, tn, fused=True,
+                                                           compact=s >= kernels.COMPACT_MIN_SPARSITY)
+                                              for s in (0.0, 0.5, 0.9))
+                    total = sum(per_shape.values())
+                    print(f"sweep {tn}: sum of times {total * 1e6:.1f} us ("
+                          + ", ".join(f"{K}->{N} {t * 1e6:.1f}" for (K, N), t in per_shape.items()) + ")", flush=True)
                     if best is None or total < best[0]:
                         best = (total, tn)
     print(f"best launch configuration: {best[1]}", flush=True)
@@ -341,39 +344,42 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     return rows
 
 
-def bench_dense_attention(lengths=(145, 512, 1089, 2048, 8256, 32768), kpps=(64, 128, 256), ppss=(1, 2, 4, 8),
-                          merge_blocks=(1, 16)):
+def bench_dense_attention(lengths=(145, 1089, 8256, 32768), kpps=(64, 128, 256), ppss=(1, 2, 4), merge_blocks=(1, 16),
+                          warps=(2, 4)):
     """Dense decode attention: kernels.decode_attention (compiled; chunks merged in-kernel) for
-    several (keys_per_program, programs_per_sm, merge_block) vs the masked SDPA, Llama-3-8B heads,
-    batch 1, every cache position visible. Sets DENSE_ATTN_TUNING to the triple whose time relative
-    to the best at each length sums lowest (a raw sum would let the longest cache decide alone)."""
+    several (keys_per_program, programs_per_sm, merge_block, num_warps) vs the masked SDPA,
+    Llama-3-8B heads, batch 1, every cache position visible. Sets DENSE_ATTN_TUNING to the
+    configuration whose time relative to the best at each length sums lowest (a raw sum would let
+    the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
-    configs = [(kpp, pps, mb) for kpp in kpps for pps in ppss for mb in merge_blocks]
+    configs = [(kpp, pps, mb, w) for kpp in kpps for pps in ppss for mb in merge_blocks for w in warps]
     rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
         line = (f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, "
-                f"programs_per_sm, merge_block):")
-        for kpp, pps, mb in configs:
-            kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb)
+                f"programs_per_sm, merge_block, num_warps):")
+        for kpp, pps, mb, w in configs:
+            kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
             torch._dynamo.reset()
             attend = torch.compile(kernels.decode_attention, fullgraph=True)
             sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
-            times[L, kpp, pps, mb] = sec
+            times[L, kpp, pps, mb, w] = sec
             splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
-            rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, splits=splits,
-                             us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
-            line += f" ({kpp},{pps},{mb}): {sec * 1e6:.1f} [{splits}]"
+            rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w,
+                             splits=splits, us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
+            line += f" ({kpp},{pps},{mb},{w}): {sec * 1e6:.1f} [{splits}]"
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
     score = {c: sum(times[(L, *c)] / min(times[(L, *c2)] for c2 in configs) for L in lengths) for c in configs}
-    kpp, pps, mb = min(score, key=score.get)
-    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb)
-    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps}, merge_block {mb} "
-          f"(sum of time / best time per length {score[kpp, pps, mb]:.2f} over {len(lengths)} lengths)", flush=True)
+    best = min(score, key=score.get)
+    kpp, pps, mb, w = best
+    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
+    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps}, merge_block {mb}, "
+          f"num_warps {w} (sum of time / best time per length {score[best]:.2f} over {len(lengths)} lengths)",
+          flush=True)
     return rows
 
 

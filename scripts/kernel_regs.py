@@ -1,0 +1,119 @@
+"""Registers and spills of the decode-path Triton kernels at the current launch tuning,
+compiled for an H100 (sm_90a) on any machine: no GPU needed, only the ptxas that ships in
+Triton's wheel. A kernel that spills in its hot loop, or that needs so many registers that
+few programs fit on an SM, is latency-bound whatever its tile sizes say; this shows it
+before a GPU visit.
+
+    python scripts/kernel_regs.py             # Llama-3-8B shapes
+    python scripts/kernel_regs.py --warps 4   # also: every kernel at 4 warps
+
+Shapes: Llama-3-8B (dim 4096, 32 / 8 heads of 128, intermediate 14336), batch 1, bf16.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels  # noqa: E402
+
+H100_SMS = 132
+F32, BF16, I32 = "*fp32", "*bf16", "*i32"
+FLOATS = {"eps", "scale", "t"}
+
+
+def resident(regs: int, shared: int, num_warps: int) -> int:
+    """Programs of this size an H100 SM holds at once: 64K registers allocated per warp in
+    units of 256, 228 KB of shared memory (1 KB reserved per block), 64 warps, 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps, 32)
+
+
+def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs: int) -> str:
+    """ptxas -v's registers and spill bytes for fn compiled with these constexprs, how many
+    programs fit on an SM, and in how many waves a grid of `programs` runs on the H100."""
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in FLOATS else "i32")
+           for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    ptx = k.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spill = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    fit = resident(regs, k.metadata.shared, num_warps)
+    return (f"{regs:>3} registers, {spill:>4} B spilled, {k.metadata.shared:>6} B shared: {fit:>2} programs/SM, "
+            f"grid {programs:>4} = {programs / (fit * H100_SMS):4.2f} waves")
+
+
+def sparse_gemv_cases():
+    """kernels.sparse_gemv as the model launches it at each Llama-3-8B site (masked and compact)."""
+    for name, K, n_out, norm, swiglu, residual in (("qkv", 4096, 6144, True, False, False),
+                                                   ("o", 4096, 4096, False, False, True),
+                                                   ("gate+up", 4096, 14336, True, True, False),
+                                                   ("down", 14336, 4096, False, False, True)):
+        cfg = kernels.gemv_launch_config(1, K, n_out, kernels.GEMV_TUNING["block_n"], None)
+        for compact in (False, True):
+            c = dict(BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+                     K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=False, SWIGLU=swiglu,
+                     HAS_SHIFT=False, RESIDUAL=residual, MERGE=cfg["split"] > 1,
+                     SPLIT_PAD=triton.next_power_of_2(cfg["split"]), COMPACT=compact,
+                     CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]))
+            yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {cfg['split']})",
+                   kernels._sparse_gemv_kernel,
+                   dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16),
+                   c, cfg["num_warps"], triton.cdiv(n_out, cfg["BLOCK_N"]) * cfg["split"])
+
+
+def attention_cases(L=8192):
+    """decode_attention (dense, chunks merged in-kernel) and theta_attention (each merge), at L keys."""
+    for dense in (True, False):
+        tn = dict(kernels.ATTN_TUNING, **kernels.DENSE_ATTN_TUNING) if dense else kernels.ATTN_TUNING
+        merges = [tn["merge_block"]] if dense else sorted({0, tn["merge_block"] or 16})
+        for mb in merges:
+            c = dict(REP=4, REP_PAD=16, D=128, D_PAD=128, BLOCK_L=tn["block_l"], DOT_FP32=False, DENSE=dense,
+                     NORMALIZE=False, MERGE=mb > 0, SDC=0, REP_P2=4, MERGE_BLOCK=max(1, mb))
+            label = "decode_attention" if dense else f"theta_attention ({'PyTorch merge' if mb == 0 else 'in-kernel'})"
+            yield (f"{label}, merge_block {mb}, block_l {tn['block_l']}, {L} keys", kernels._theta_attention_kernel,
+                   dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, ACC=F32, STATS=F32, COUNT=I32, OUT=BF16),
+                   c, tn["num_warps"], 8 * kernels.attention_splits(1, 8, L, None, dense=dense))
+
+
+def gemv_cases():
+    """kernels.gemv (dense decode GEMV with the norm / residual / SwiGLU fused)."""
+    for name, n_out, swiglu, norm, residual, tn in (("dense qkv", 6144, False, True, False, kernels.DENSE_TUNING),
+                                                    ("dense gate/up", 14336, True, True, False, kernels.SWIGLU_TUNING),
+                                                    ("dense down", 4096, False, False, True, kernels.DENSE_TUNING)):
+        c = dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"],
+                 STAGES=tn["num_stages"])
+        yield (name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16), c, tn["num_warps"],
+               triton.cdiv(n_out, tn["block_n"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--warps", type=int, nargs="*", default=[], help="also compile every kernel at these num_warps")
+    a = ap.parse_args()
+    kernels._num_sms = lambda device: H100_SMS  # split-K / key-chunk counts as on the H100 (no GPU here)
+    print(f"Triton {triton.__version__}, sm_90a, {H100_SMS} SMs; registers per thread (255 max), spill stores")
+    for label, fn, pointers, c, warps, programs in (*gemv_cases(), *sparse_gemv_cases(), *attention_cases()):
+        for w in dict.fromkeys([warps, *a.warps]):
+            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, programs)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
