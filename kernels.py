@@ -754,6 +754,45 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split, num_warps=tn["num_warps"])
 
 
+def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mode: bool, swiglu: bool, shift: bool,
+                       residual: bool, compact: bool):
+    """How sparse_gemv launches _sparse_gemv_kernel (scripts/kernel_regs.py compiles the same):
+    grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps."""
+    cfg = gemv_launch_config(1, K, n_out, block_n, device)
+    split = cfg["split"]
+    meta = dict(BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half each
+                K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
+                HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),
+                COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), num_warps=cfg["num_warps"])
+    return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
+
+
+def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool):
+    """How gemv launches _gemv_kernel: grid and constexprs + num_warps (DENSE_ / SWIGLU_TUNING)."""
+    tn = SWIGLU_TUNING if swiglu else DENSE_TUNING
+    return (triton.cdiv(N, tn["block_n"]),), dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, BLOCK_N=tn["block_n"],
+                                                  BLOCK_K=tn["block_k"], STAGES=tn["num_stages"],
+                                                  num_warps=tn["num_warps"])
+
+
+def attention_tuning(dense: bool) -> dict:
+    """decode_attention's launch tuning (DENSE_ATTN_TUNING over ATTN_TUNING) or theta_attention's."""
+    return dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
+
+
+def attention_launch(B: int, H: int, Hkv: int, D: int, n_split: int, dtype, dense: bool, merge_block: int, sdc: int):
+    """How theta_attention_partials launches _theta_attention_kernel: grid and constexprs +
+    num_warps. merge_block > 0: the output from one chunk (NORMALIZE) or merged in-kernel (MERGE)."""
+    tn = attention_tuning(dense)
+    rep = H // Hkv
+    in_kernel = merge_block > 0
+    return (B * Hkv, n_split), dict(
+        REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
+        BLOCK_L=tn["block_l"], DOT_FP32=dtype == torch.float32 or INTERPRET, DENSE=dense,
+        NORMALIZE=in_kernel and n_split == 1, MERGE=in_kernel and n_split > 1, SDC=sdc,
+        REP_P2=triton.next_power_of_2(rep), MERGE_BLOCK=max(1, merge_block), num_warps=tn["num_warps"])
+
+
 def block_n_for(segments, cap=None) -> int:
     """Largest power of two <= cap dividing every segment length (q/k/v sizes)."""
     cap = cap or GEMV_TUNING["block_n"]
@@ -810,25 +849,19 @@ if triton is not None:
         n_out = N // 2 if swiglu else N
         assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
         x = x.contiguous()
-        cfg = gemv_launch_config(1, K, n_out, block_n, x.device)
-        split = cfg["split"]
-        n_blocks = triton.cdiv(n_out, block_n)
+        grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
+                                                    shift is not None, r is not None, compact)
+        n_blocks, split = grid
         if split > 1 and counters.numel() < n_blocks:
             raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
                              "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
         y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
         p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
-        chunk = triton.next_power_of_2(cfg["K_PER_PROG"])
-        s = torch.empty(n_blocks * split * chunk if compact else 0, dtype=torch.int32, device=x.device)
-        _sparse_gemv_kernel[(n_blocks, split)](
+        s = torch.empty(n_blocks * split * meta["CHUNK"] if compact else 0, dtype=torch.int32, device=x.device)
+        _sparse_gemv_kernel[grid](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
-            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, cfg["K_PER_PROG"], split,
-            wt.stride(0), N, float(eps), BLOCK_N=block_n,
-            BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
-            K_PAD=triton.next_power_of_2(K) if g is not None else 16, NORM=g is not None, HAS_MODE=m is not None,
-            SWIGLU=swiglu, HAS_SHIFT=shift is not None, RESIDUAL=r is not None, MERGE=split > 1,
-            SPLIT_PAD=triton.next_power_of_2(split), COMPACT=compact, CHUNK=chunk,
-            num_warps=cfg["num_warps"])
+            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
+            wt.stride(0), N, float(eps), **meta)
         return y
 
     @sparse_gemv.register_fake
@@ -845,13 +878,11 @@ if triton is not None:
         N = w1.shape[0]
         x = x.contiguous()
         y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-        tn = DENSE_TUNING if w2 is None else SWIGLU_TUNING
         w2_ = w2 if w2 is not None else w1
-        _gemv_kernel[(triton.cdiv(N, tn["block_n"]),)](
+        grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None)
+        _gemv_kernel[grid](
             x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), SWIGLU=w2 is not None, NORM=g is not None,
-            RESIDUAL=r is not None, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"], STAGES=tn["num_stages"],
-            num_warps=tn["num_warps"])
+            w1.stride(0), w2_.stride(0), float(eps), **meta)
         return y
 
     @gemv.register_fake
@@ -928,7 +959,7 @@ def attention_splits(B: int, Hkv: int, L: int, device, dense: bool = False) -> i
     """Key chunks per (sequence, KV head), fixed per cache size L: at least `keys_per_program`
     cache positions per chunk (a short cache: one chunk, no merge), at most enough chunks to
     give each SM `programs_per_sm` programs (DENSE_ATTN_TUNING's for decode_attention)."""
-    tn = dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
+    tn = attention_tuning(dense)
     return max(1, min(triton.cdiv(L, tn["keys_per_program"]), (tn["programs_per_sm"] * _num_sms(device)) // (B * Hkv)))
 
 
@@ -975,17 +1006,12 @@ if triton is not None:
         acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
         out = q.new_empty((B, H, D) if in_kernel else (0,))
-        rep = H // Hkv
-        tn = dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
-        _theta_attention_kernel[(B * Hkv, n_split)](
+        grid, meta = attention_launch(B, H, Hkv, D, n_split, q.dtype, dense, merge_block, sdc)
+        _theta_attention_kernel[grid](
             q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if in_kernel else acc,
             B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
-            REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
-            BLOCK_L=tn["block_l"], DOT_FP32=q.dtype == torch.float32 or INTERPRET, DENSE=dense,
-            NORMALIZE=in_kernel and n_split == 1, MERGE=merge, SDC=sdc, REP_P2=triton.next_power_of_2(rep),
-            MERGE_BLOCK=max(1, merge_block), num_warps=tn["num_warps"])
+            acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2), **meta)
         return [acc, stats, out]
 
     @theta_attention_partials.register_fake

@@ -10,6 +10,7 @@ before a GPU visit.
 Shapes: Llama-3-8B (dim 4096, 32 / 8 heads of 128, intermediate 14336), batch 1, bf16.
 """
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -66,42 +68,35 @@ def sparse_gemv_cases():
                                                    ("o", 4096, 4096, False, False, True),
                                                    ("gate+up", 4096, 14336, True, True, False),
                                                    ("down", 14336, 4096, False, False, True)):
-        cfg = kernels.gemv_launch_config(1, K, n_out, kernels.GEMV_TUNING["block_n"], None)
         for compact in (False, True):
-            c = dict(BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-                     K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=False, SWIGLU=swiglu,
-                     HAS_SHIFT=False, RESIDUAL=residual, MERGE=cfg["split"] > 1,
-                     SPLIT_PAD=triton.next_power_of_2(cfg["split"]), COMPACT=compact,
-                     CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]))
-            yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {cfg['split']})",
+            grid, _, meta = kernels.sparse_gemv_launch(K, n_out, kernels.GEMV_TUNING["block_n"], None, norm, False,
+                                                       swiglu, False, residual, compact)
+            yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {grid[1]})",
                    kernels._sparse_gemv_kernel,
                    dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16),
-                   c, cfg["num_warps"], triton.cdiv(n_out, cfg["BLOCK_N"]) * cfg["split"])
+                   grid, meta)
 
 
 def attention_cases(L=8192):
     """decode_attention (dense, chunks merged in-kernel) and theta_attention (each merge), at L keys."""
     for dense in (True, False):
-        tn = dict(kernels.ATTN_TUNING, **kernels.DENSE_ATTN_TUNING) if dense else kernels.ATTN_TUNING
-        merges = [tn["merge_block"]] if dense else sorted({0, tn["merge_block"] or 16})
-        for mb in merges:
-            c = dict(REP=4, REP_PAD=16, D=128, D_PAD=128, BLOCK_L=tn["block_l"], DOT_FP32=False, DENSE=dense,
-                     NORMALIZE=False, MERGE=mb > 0, SDC=0, REP_P2=4, MERGE_BLOCK=max(1, mb))
+        tn = kernels.attention_tuning(dense)
+        n_split = kernels.attention_splits(1, 8, L, None, dense=dense)
+        for mb in [tn["merge_block"]] if dense else sorted({0, tn["merge_block"] or 16}):
+            grid, meta = kernels.attention_launch(1, 32, 8, 128, n_split, torch.bfloat16, dense, mb, 0)
             label = "decode_attention" if dense else f"theta_attention ({'PyTorch merge' if mb == 0 else 'in-kernel'})"
             yield (f"{label}, merge_block {mb}, block_l {tn['block_l']}, {L} keys", kernels._theta_attention_kernel,
                    dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, ACC=F32, STATS=F32, COUNT=I32, OUT=BF16),
-                   c, tn["num_warps"], 8 * kernels.attention_splits(1, 8, L, None, dense=dense))
+                   grid, meta)
 
 
 def gemv_cases():
     """kernels.gemv (dense decode GEMV with the norm / residual / SwiGLU fused)."""
-    for name, n_out, swiglu, norm, residual, tn in (("dense qkv", 6144, False, True, False, kernels.DENSE_TUNING),
-                                                    ("dense gate/up", 14336, True, True, False, kernels.SWIGLU_TUNING),
-                                                    ("dense down", 4096, False, False, True, kernels.DENSE_TUNING)):
-        c = dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"],
-                 STAGES=tn["num_stages"])
-        yield (name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16), c, tn["num_warps"],
-               triton.cdiv(n_out, tn["block_n"]))
+    for name, n_out, swiglu, norm, residual in (("dense qkv", 6144, False, True, False),
+                                                ("dense gate/up", 14336, True, True, False),
+                                                ("dense down", 4096, False, False, True)):
+        grid, meta = kernels.gemv_launch(n_out, swiglu, norm, residual)
+        yield name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16), grid, meta
 
 
 def main():
@@ -110,9 +105,11 @@ def main():
     a = ap.parse_args()
     kernels._num_sms = lambda device: H100_SMS  # split-K / key-chunk counts as on the H100 (no GPU here)
     print(f"Triton {triton.__version__}, sm_90a, {H100_SMS} SMs; registers per thread (255 max), spill stores")
-    for label, fn, pointers, c, warps, programs in (*gemv_cases(), *sparse_gemv_cases(), *attention_cases()):
+    for label, fn, pointers, grid, meta in (*gemv_cases(), *sparse_gemv_cases(), *attention_cases()):
+        c = dict(meta)
+        warps = c.pop("num_warps")
         for w in dict.fromkeys([warps, *a.warps]):
-            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, programs)}", flush=True)
+            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, math.prod(grid))}", flush=True)
 
 
 if __name__ == "__main__":
