@@ -293,15 +293,6 @@ if triton is not None:
         return tl.sum(keep, 0)
 
     @triton.jit
-    def _tile_channels(S, k0, j, offs, n, k_end, COMPACT: tl.constexpr):
-        """The input channels of the K loop's tile at position j: entries j.. of the kept-channel
-        list S (COMPACT), else channels k0 + j..; k_end (masked off downstream) past the n-th."""
-        if COMPACT:
-            return tl.load(S + j + offs, mask=j + offs < n, other=k_end)
-        else:
-            return k0 + j + offs
-
-    @triton.jit
     def _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU: tl.constexpr, HAS_SHIFT: tl.constexpr,
                          RESIDUAL: tl.constexpr):
         """Epilogue of _sparse_gemv_kernel on a finished block of sums: + W m, SiLU(gate) * up,
@@ -357,24 +348,39 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_K)
         acc1 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
         acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
-        n = k_end - k0  # positions the loop walks: channels of the chunk, or entries of the list
         if COMPACT:
             # The kept channels' indices first (this program's slot of S), then tiles of kept
             # channels only: the loop runs (1 - s) times as long and every loaded row is needed.
             S += (pid_k * tl.num_programs(0) + pid_n) * CHUNK
             n = _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK, NORM, SWIGLU)
             tl.debug_barrier()  # every thread's stores before any thread reads the list
-        offs_k = _tile_channels(S, k0, 0, offs, n, k_end, COMPACT)
-        x = _sparse_x(X, G, offs_k, offs_k < k_end, inv_rms, NORM)
-        for j in range(0, n, BLOCK_K):
-            xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
-            if SWIGLU:
-                xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
-            offs_k = _tile_channels(S, k0, j + BLOCK_K, offs, n, k_end, COMPACT)
-            x = _sparse_x(X, G, offs_k, offs_k < k_end, inv_rms, NORM)  # the next tile's x, before the products
-            acc1 += xs1[:, None] * w1.to(tl.float32)
-            if SWIGLU:
-                acc2 += xs2[:, None] * w2.to(tl.float32)
+            idx = tl.load(S + offs, mask=offs < n, other=k_end)  # k_end: padding, masked below
+            x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)
+            for j in range(0, n, BLOCK_K):
+                xs1, w1 = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                if SWIGLU:
+                    xs2, w2 = _sparse_tile(WT + col2, idx, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                nxt = j + BLOCK_K + offs
+                idx = tl.load(S + nxt, mask=nxt < n, other=k_end)
+                x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                acc1 += xs1[:, None] * w1.to(tl.float32)
+                if SWIGLU:
+                    acc2 += xs2[:, None] * w2.to(tl.float32)
+        else:
+            # Every tile of the chunk, offsets from the loop index. One loop for both walks (the
+            # offsets carried across iterations, as the list's are) decoded TEAL 50% 2% slower on
+            # an H100: 250 vs 256 tok/s in one run (benchmarks/h100_s8_loop_ab_*.txt).
+            x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
+            for kk in range(k0, k_end, BLOCK_K):
+                offs_k = kk + offs
+                xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                if SWIGLU:
+                    xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                nxt = offs_k + BLOCK_K
+                x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                acc1 += xs1[:, None] * w1.to(tl.float32)
+                if SWIGLU:
+                    acc2 += xs2[:, None] * w2.to(tl.float32)
         y1 = tl.sum(acc1, 0)
         y2 = tl.sum(acc2, 0)
         if MERGE:
