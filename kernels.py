@@ -741,10 +741,10 @@ SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv 
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
 # (decode|theta)_attention; merge_block 0: Top-Theta's chunks merged in PyTorch (measured), > 0 in-kernel (to measure)
 ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2, merge_block=0)
-# decode_attention's key chunks, merged in-kernel merge_block per load (1: one at a time, as measured); the
-# keys it leaves out (block_l, num_warps) come from ATTN_TUNING. Compiled for sm_90 (ptxas -v), 2 warps spill
-# ~100 bytes of registers, 4 do not (211 registers): not yet timed.
-DENSE_ATTN_TUNING = dict(keys_per_program=128, programs_per_sm=1, merge_block=1)
+# decode_attention's key chunks, merged in-kernel merge_block per load; the keys it leaves out (block_l) come
+# from ATTN_TUNING. H100 session 8: 16 chunks per load and 2 programs per SM took 18.1 us at 8k keys, 51.9 at
+# 32k, vs 23.5 / 61.6 one chunk per load at 1 per SM; 2 warps (which spill ~100 B) as fast as 4.
+DENSE_ATTN_TUNING = dict(keys_per_program=128, programs_per_sm=2, merge_block=16, num_warps=2)
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -766,7 +766,8 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps."""
     cfg = gemv_launch_config(1, K, n_out, block_n, device)
     split = cfg["split"]
-    meta = dict(BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half each
+    meta = dict(BLOCK_N=block_n,
+                BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
                 HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),
                 COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), num_warps=cfg["num_warps"])

@@ -6,6 +6,7 @@
     python scripts/bench.py --e2e dense teal50 cats50 ...     # decode tok/s per method, same run
     python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel
     python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
+    python scripts/bench.py --sweep --space gemv:programs_per_sm=2,3,4 gemv:num_warps=4   # one axis narrowed
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
@@ -149,28 +150,46 @@ GEMV_SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.7, 0.9]
 MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel also forms SiLU(gate) * up
 
 
+# Launch-configuration spaces of the sweeps; --space overrides one axis, e.g. gemv:programs_per_sm=2,3,4
+SPACES = dict(
+    # 3 programs per SM (2 for gate+up): what fits an SM at block 128 x 64 (scripts/kernel_regs.py), one wave
+    gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
+    attn=dict(merge_block=(0, 8, 16, 32), keys_per_program=(64, 128), block_l=(32, 64), programs_per_sm=(2, 4, 8),
+              num_warps=(2, 4)),
+    dense_attn=dict(keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4), merge_block=(1, 16),
+                    num_warps=(2, 4)),
+)
+
+
+def configs(space: dict) -> list:
+    """Every combination of a space's axes, as tuning dicts."""
+    out = [{}]
+    for key, values in space.items():
+        out = [dict(c, **{key: v}) for c in out for v in values]
+    return out
+
+
 def sweep_gemv(copy_gbs):
-    """Try launch configurations of sparse_gemv (batch 1, what a decode step runs) on the Llama-3-8B shapes."""
+    """Try launch configurations of sparse_gemv (batch 1, what a decode step runs) on the Llama-3-8B
+    shapes at s = 0, 0.5, 0.9; prints each shape's time and each shape's best configuration."""
     import kernels
-    best = None
-    for block_n in (32, 64, 128):
-        for block_k in (64, 128, 256):
-            # 3 (2 for gate+up): what fits an SM at block 128 x 64 (scripts/kernel_regs.py), one wave
-            for pps in (2, 3, 4, 8):
-                for warps in (4, 8):
-                    if block_n * block_k > 8192:  # the 2-D accumulator spills (measured 10x slower)
-                        continue
-                    tn = dict(block_n=block_n, block_k=block_k, programs_per_sm=pps, num_warps=warps)
-                    per_shape = {}
-                    for K, N in GEMV_SHAPES[:4]:
-                        per_shape[K, N] = sum(_time_sparse(K, N, s, 1, copy_gbs, tn, fused=True,
-                                                           compact=s >= kernels.COMPACT_MIN_SPARSITY)
-                                              for s in (0.0, 0.5, 0.9))
-                    total = sum(per_shape.values())
-                    print(f"sweep {tn}: sum of times {total * 1e6:.1f} us ("
-                          + ", ".join(f"{K}->{N} {t * 1e6:.1f}" for (K, N), t in per_shape.items()) + ")", flush=True)
-                    if best is None or total < best[0]:
-                        best = (total, tn)
+    best, per_shape_best = None, {}
+    for tn in configs(SPACES["gemv"]):
+        if tn["block_n"] * tn["block_k"] > 8192:  # the 2-D accumulator spills (measured 10x slower)
+            continue
+        per_shape = {}
+        for K, N in GEMV_SHAPES[:4]:
+            per_shape[K, N] = sum(_time_sparse(K, N, s, 1, copy_gbs, tn, fused=True,
+                                               compact=s >= kernels.COMPACT_MIN_SPARSITY) for s in (0.0, 0.5, 0.9))
+            if (K, N) not in per_shape_best or per_shape[K, N] < per_shape_best[K, N][0]:
+                per_shape_best[K, N] = (per_shape[K, N], tn)
+        total = sum(per_shape.values())
+        print(f"sweep {tn}: sum of times {total * 1e6:.1f} us ("
+              + ", ".join(f"{K}->{N} {t * 1e6:.1f}" for (K, N), t in per_shape.items()) + ")", flush=True)
+        if best is None or total < best[0]:
+            best = (total, tn)
+    for (K, N), (t, tn) in per_shape_best.items():
+        print(f"best for {K}->{N} alone: {tn} ({t * 1e6:.1f} us)", flush=True)
     print(f"best launch configuration: {best[1]}", flush=True)
     kernels.GEMV_TUNING.update(best[1])
     return best[1]
@@ -265,21 +284,16 @@ def sweep_attention(copy_gbs):
         vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         caches.append((ks, vs, thresholds_keeping(q, ks[0], 0.1),
                        torch.tensor([0, L] + [0] * (B * Hkv), dtype=torch.int32, device="cuda")))  # + counters
-    for merge_block in (0, 8, 16, 32):
-        for block_l in (32, 64):
-            for pps in (2, 4, 8):
-                for warps in (2, 4):
-                    kernels.ATTN_TUNING.update(block_l=block_l, programs_per_sm=pps, num_warps=warps,
-                                               merge_block=merge_block)
-                    torch._dynamo.reset()
-                    attend = torch.compile(kernels.theta_attention, fullgraph=True)
-                    total = 0.0
-                    for ks, vs, theta, lohi in caches:
-                        total += graph_time(lambda i: attend(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
-                    print(f"attention sweep merge_block={merge_block} block_l={block_l} programs_per_sm={pps} "
-                          f"warps={warps}: {total * 1e6:.1f} us", flush=True)
-                    if best is None or total < best[0]:
-                        best = (total, dict(kernels.ATTN_TUNING))
+    for tn in configs(SPACES["attn"]):
+        kernels.ATTN_TUNING.update(tn)
+        torch._dynamo.reset()
+        attend = torch.compile(kernels.theta_attention, fullgraph=True)
+        total = 0.0
+        for ks, vs, theta, lohi in caches:
+            total += graph_time(lambda i: attend(q, ks[i % 4], vs[i % 4], theta, lohi, 0))
+        print(f"attention sweep {tn}: {total * 1e6:.1f} us", flush=True)
+        if best is None or total < best[0]:
+            best = (total, dict(kernels.ATTN_TUNING))
     kernels.ATTN_TUNING.update(best[1])
     torch._dynamo.reset()
     print(f"best theta_attention configuration: {best[1]}", flush=True)
@@ -344,8 +358,7 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     return rows
 
 
-def bench_dense_attention(lengths=(145, 1089, 8256, 32768), kpps=(64, 128, 256), ppss=(1, 2, 4), merge_blocks=(1, 16),
-                          warps=(2, 4)):
+def bench_dense_attention(lengths=(145, 1089, 8256, 32768)):
     """Dense decode attention: kernels.decode_attention (compiled; chunks merged in-kernel) for
     several (keys_per_program, programs_per_sm, merge_block, num_warps) vs the masked SDPA,
     Llama-3-8B heads, batch 1, every cache position visible. Sets DENSE_ATTN_TUNING to the
@@ -353,14 +366,14 @@ def bench_dense_attention(lengths=(145, 1089, 8256, 32768), kpps=(64, 128, 256),
     the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
-    configs = [(kpp, pps, mb, w) for kpp in kpps for pps in ppss for mb in merge_blocks for w in warps]
+    cands = [tuple(c.values()) for c in configs(SPACES["dense_attn"])]  # (kpp, pps, mb, w)
     rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
         line = (f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, "
                 f"programs_per_sm, merge_block, num_warps):")
-        for kpp, pps, mb, w in configs:
+        for kpp, pps, mb, w in cands:
             kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
             torch._dynamo.reset()
             attend = torch.compile(kernels.decode_attention, fullgraph=True)
@@ -373,7 +386,7 @@ def bench_dense_attention(lengths=(145, 1089, 8256, 32768), kpps=(64, 128, 256),
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
-    score = {c: sum(times[(L, *c)] / min(times[(L, *c2)] for c2 in configs) for L in lengths) for c in configs}
+    score = {c: sum(times[(L, *c)] / min(times[(L, *c2)] for c2 in cands) for L in lengths) for c in cands}
     best = min(score, key=score.get)
     kpp, pps, mb, w = best
     kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
@@ -555,10 +568,20 @@ def main():
     ap.add_argument("--attention", action="store_true", help="Top-Theta decode attention vs SDPA")
     ap.add_argument("--dense-attention", action="store_true", help="dense decode attention kernel vs masked SDPA")
     ap.add_argument("--attention-sweep", action="store_true", help="sweep theta_attention launch configurations")
+    ap.add_argument("--space", nargs="+", default=[], metavar="SWEEP:AXIS=V1,V2",
+                    help="override one axis of a sweep's space (sweeps: gemv, attn, dense_attn), "
+                         "e.g. gemv:programs_per_sm=2,3,4")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     ap.add_argument("--no-coordinate-descent", action="store_true",
                     help="inductor without coordinate-descent tuning: M=1 matmuls stay on cuBLAS")
     a = ap.parse_args()
+    for spec in a.space:
+        sweep, _, axis_values = spec.partition(":")
+        axis, _, values = axis_values.partition("=")
+        if sweep not in SPACES or axis not in SPACES[sweep] or not values:
+            ap.error(f"--space {spec}: expected SWEEP:AXIS=V1,V2 with SWEEP:AXIS one of "
+                     + ", ".join(f"{k}:{ax}" for k, sp_ in SPACES.items() for ax in sp_))
+        SPACES[sweep][axis] = tuple(int(v) for v in values.split(","))
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     setup_inductor(not a.no_coordinate_descent)
     name = torch.cuda.get_device_name()
@@ -584,9 +607,10 @@ def main():
         for p in a.presets:
             e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning,
-                                                gated_tuning=gated_tuning, dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
-                                                e2e=e2e), indent=2))
+        Path(a.json).write_text(json.dumps(dict(
+            device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, gated_tuning=gated_tuning,
+            dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
+            e2e=e2e), indent=2))
 
 
 if __name__ == "__main__":
