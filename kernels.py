@@ -47,13 +47,13 @@ captures them in the CUDA graph with no graph break.
 3. theta_attention: Top-Theta decode attention (arXiv 2502.08363, pre-softmax placement).
    Split over keys (flash-decoding): every K row is read, since every score is compared
    with its threshold, but a V row only if some query head of the KV group keeps its
-   score. Each key chunk keeps its online-softmax state over the kept scores and over
-   all scores; the merge applies SDC none / exact / theta and keeps the row maximum when
-   no score passes, either in plain PyTorch (fused by torch.compile) or in the kernel by
-   the program that finishes last (ATTN_TUNING["merge_block"]). VMC and post-softmax
-   placement need every V row or the full denominator first: those configs use
-   sparsity.py's reference path. decode_attention is the same kernel with every score kept
-   (dense decode attention; V rows loaded with K rows, chunks always merged in the kernel).
+   score. Each key chunk writes its online-softmax state over the kept scores and over
+   all scores; the merge (plain PyTorch, fused by torch.compile) applies SDC none / exact /
+   theta and keeps the row maximum when no score passes (merging in the kernel was slower:
+   BENCHMARKS.md session 8). VMC and post-softmax placement need every V row or the full
+   denominator first: those configs use sparsity.py's reference path. decode_attention is
+   the same kernel with every score kept (dense decode attention; V rows loaded with K
+   rows, chunks merged in the kernel by the program that finishes last).
 
 4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
    small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
@@ -533,12 +533,11 @@ if triton is not None:
         (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
         SDC mode needs: l_a, the exp-sum over all scores (exact), or the dropped count (theta).
         DENSE: every visible score kept (dense decode attention): V rows are loaded with the
-        K rows, only m_k, l_k, acc are written. NORMALIZE (one chunk): the output itself
-        (_attention_output), no state written. MERGE (several chunks): the program that
-        finishes last for its (sequence, KV head) - an atomic counter per pair tells it - merges
-        every chunk's state, MERGE_BLOCK chunks per load (_merged_state), writes the output and
-        resets the counter (no merge kernels). Neither (Top-Theta, PyTorch merge): the states
-        only. NORMALIZE and MERGE write OUT (B, H, D) in q's dtype, the layout wo reads.
+        K rows, and the output is written, not the state: NORMALIZE (one chunk) from registers;
+        MERGE (several chunks) by the program that finishes last for its (sequence, KV head) -
+        an atomic counter per pair tells it - which merges every chunk's state, MERGE_BLOCK
+        chunks per load (_merged_state), and resets the counter (no merge kernels). Both write
+        OUT (B, H, D) in q's dtype, the layout wo reads.
         """
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -609,9 +608,8 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_k = mk_new
-        if NORMALIZE:  # one chunk: the output itself
-            y = _attention_output(m_k, l_k, acc, m_a, l_a, n_drop, arg, theta, v_base, stride_vl, offs_d, d_ok,
-                                  DENSE, SDC)
+        if NORMALIZE:  # dense, one chunk: the output itself
+            y = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
             out_rows = OUT + (b * Hkv * REP + heads[:, None]) * D + offs_d[None, :]  # (B, H, D), q's dtype
             tl.store(out_rows, y.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
         else:
@@ -625,7 +623,7 @@ if triton is not None:
                 tl.store(st + 3, l_a, mask=r_ok)
                 tl.store(st + 4, n_drop, mask=r_ok)
                 tl.store(st + 5, arg.to(tl.float32), mask=r_ok)
-            if MERGE:
+            if MERGE:  # dense, several chunks
                 # Every thread's stores above happen before the counter's release (the barrier), and
                 # the last program's loads below after its acquire; .cg reads from L2, not a stale L1.
                 tl.debug_barrier()
@@ -634,14 +632,10 @@ if triton is not None:
                     offs_h = tl.arange(0, REP_P2)  # the merge has no tl.dot: no padding to 16 rows
                     h_ok = offs_h < REP
                     g_heads = hk * REP + offs_h
-                    g_mk, g_lk, g_acc, g_ma, g_la, g_drop, g_arg = _merged_state(
-                        ACC, STATS, b, g_heads, h_ok, offs_d, d_ok, n_split, stride_ab, stride_ah, stride_as,
-                        stride_sb, stride_sh, stride_ss, REP_P2, D_PAD, MERGE_BLOCK, DENSE, SDC)
-                    g_theta = tl.full((REP_P2,), float("-inf"), tl.float32)
-                    if not DENSE:
-                        g_theta = tl.load(THETA + g_heads, mask=h_ok, other=float("inf"))
-                    y = _attention_output(g_mk, g_lk, g_acc, g_ma, g_la, g_drop, g_arg, g_theta, v_base, stride_vl,
-                                          offs_d, d_ok, DENSE, SDC)
+                    g_lk, g_acc = _merged_state(ACC, STATS, b, g_heads, h_ok, offs_d, d_ok, n_split, stride_ab,
+                                                stride_ah, stride_as, stride_sb, stride_sh, stride_ss, REP_P2, D_PAD,
+                                                MERGE_BLOCK)
+                    y = g_acc / tl.where(g_lk == 0, 1.0, g_lk)[:, None]
                     out_rows = OUT + (b * Hkv * REP + g_heads[:, None]) * D + offs_d[None, :]
                     tl.store(out_rows, y.to(OUT.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
                     tl.store(COUNT + pid_bh, 0)
@@ -649,20 +643,15 @@ if triton is not None:
     @triton.jit
     def _merged_state(ACC, STATS, b, heads, h_ok, offs_d, d_ok, n_split, stride_ab, stride_ah, stride_as,
                       stride_sb, stride_sh, stride_ss, REP_P2: tl.constexpr, D_PAD: tl.constexpr,
-                      MERGE_BLOCK: tl.constexpr, DENSE: tl.constexpr, SDC: tl.constexpr):
-        """The key chunks' states of a KV group's heads merged into one row state (what a single
-        chunk over every key would have written), MERGE_BLOCK chunks per load: one
-        (heads, MERGE_BLOCK, D) tile of partial outputs and (heads, MERGE_BLOCK) of each statistic,
-        so 66 chunks take 5 round trips to L2 at MERGE_BLOCK 16, not 66. Online over the
-        blocks: kept maximum m_k with l_k and acc rescaled to it; (Top-Theta) the maximum of
-        all scores m_a with its key index, l_a rescaled to m_a (SDC exact), dropped counts summed."""
+                      MERGE_BLOCK: tl.constexpr):
+        """Dense decode attention's key chunks merged into one state per head of a KV group
+        (what one chunk over every key would have written), MERGE_BLOCK chunks per load: one
+        (heads, MERGE_BLOCK, D) tile of partial outputs and (heads, MERGE_BLOCK) of m_k and l_k,
+        so 33 chunks take 3 round trips to L2 at MERGE_BLOCK 16, not 33. Online over the blocks:
+        the running maximum m_k, with l_k and acc rescaled to it. Returns l_k, acc."""
         m_k = tl.full((REP_P2,), float("-inf"), tl.float32)
         l_k = tl.zeros((REP_P2,), tl.float32)
         acc = tl.zeros((REP_P2, D_PAD), tl.float32)
-        m_a = tl.full((REP_P2,), float("-inf"), tl.float32)
-        l_a = tl.zeros((REP_P2,), tl.float32)
-        n_drop = tl.zeros((REP_P2,), tl.float32)
-        arg = tl.zeros((REP_P2,), tl.int32)
         offs_c = tl.arange(0, MERGE_BLOCK)
         for c0 in range(0, n_split, MERGE_BLOCK):
             c = c0 + offs_c
@@ -674,54 +663,13 @@ if triton is not None:
                             + offs_d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
                             cache_modifier=".cg")
             mk_new = tl.maximum(m_k, tl.max(mk_c, 1))
-            safe = tl.where(mk_new == float("-inf"), 0.0, mk_new)  # no chunk has kept a score yet
+            safe = tl.where(mk_new == float("-inf"), 0.0, mk_new)  # no visible key in the chunks so far
             w_old = tl.exp(m_k - safe)
             w_c = tl.exp(mk_c - safe[:, None])
             l_k = l_k * w_old + tl.sum(lk_c * w_c, 1)
             acc = acc * w_old[:, None] + tl.sum(acc_c * w_c[:, :, None], 1)
             m_k = mk_new
-            if not DENSE:
-                ma_c = tl.load(st + 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                arg_c = tl.load(st + 5, mask=ok, other=0.0, cache_modifier=".cg")
-                bm = tl.max(ma_c, 1)
-                first = tl.argmax(ma_c, 1)  # the first chunk holding the block's maximum
-                barg = tl.sum(tl.where(offs_c[None, :] == first[:, None], arg_c, 0.0), 1).to(tl.int32)
-                arg = tl.where(bm > m_a, barg, arg)
-                ma_new = tl.maximum(m_a, bm)
-                if SDC == 1:
-                    la_c = tl.load(st + 3, mask=ok, other=0.0, cache_modifier=".cg")
-                    safe_a = tl.where(ma_new == float("-inf"), 0.0, ma_new)
-                    l_a = l_a * tl.exp(m_a - safe_a) + tl.sum(la_c * tl.exp(ma_c - safe_a[:, None]), 1)
-                if SDC == 2:
-                    n_drop += tl.sum(tl.load(st + 4, mask=ok, other=0.0, cache_modifier=".cg"), 1)
-                m_a = ma_new
-        return m_k, l_k, acc, m_a, l_a, n_drop, arg
-
-    @triton.jit
-    def _attention_output(m_k, l_k, acc, m_a, l_a, n_drop, arg, theta, v_base, stride_vl, offs_d, d_ok,
-                          DENSE: tl.constexpr, SDC: tl.constexpr):
-        """A row's output from its state (one chunk's, or the merged one). Dense: acc / l_k.
-        Top-Theta: the kept scores' weights taken relative to the maximum of all scores m_a;
-        if no score passed its threshold the row maximum alone is kept (its V row, weight 1);
-        the denominator is the kept sum, the exact exp-sum l_a (SDC exact), or the kept sum plus
-        exp(theta - m_a) per dropped score (SDC theta)."""
-        if DENSE:
-            y = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
-        else:
-            w = tl.exp(m_k - m_a)  # nothing kept: m_k = -inf -> 0
-            den = l_k * w
-            out = acc * w[:, None]
-            none = den == 0
-            v_best = tl.load(v_base + arg[:, None] * stride_vl + offs_d[None, :],
-                             mask=none[:, None] & d_ok[None, :], other=0.0)
-            out = tl.where(none[:, None], v_best.to(tl.float32), out)
-            den = tl.where(none, 1.0, den)
-            if SDC == 1:
-                den = l_a
-            if SDC == 2:
-                den = den + (n_drop - none.to(tl.float32)) * tl.exp(theta - m_a)
-            y = out / den[:, None]
-        return y
+        return l_k, acc
 
 
 def _num_sms(device) -> int:
@@ -739,8 +687,7 @@ GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4
 DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
 SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
-# (decode|theta)_attention; merge_block 0: Top-Theta's chunks merged in PyTorch (measured), > 0 in-kernel (to measure)
-ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2, merge_block=0)
+ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2)  # (decode|theta)_attention
 # decode_attention's key chunks, merged in-kernel merge_block per load; the keys it leaves out (block_l) come
 # from ATTN_TUNING. H100 session 8: 16 chunks per load and 2 programs per SM took 18.1 us at 8k keys, 51.9 at
 # 32k, vs 23.5 / 61.6 one chunk per load at 1 per SM; 2 warps (which spill ~100 B) as fast as 4.
@@ -787,17 +734,16 @@ def attention_tuning(dense: bool) -> dict:
     return dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
 
 
-def attention_launch(B: int, H: int, Hkv: int, D: int, n_split: int, dtype, dense: bool, merge_block: int, sdc: int):
+def attention_launch(B: int, H: int, Hkv: int, D: int, n_split: int, dtype, dense: bool, sdc: int):
     """How theta_attention_partials launches _theta_attention_kernel: grid and constexprs +
-    num_warps. merge_block > 0: the output from one chunk (NORMALIZE) or merged in-kernel (MERGE)."""
+    num_warps. Dense: the output from one chunk (NORMALIZE) or merged in-kernel (MERGE)."""
     tn = attention_tuning(dense)
     rep = H // Hkv
-    in_kernel = merge_block > 0
     return (B * Hkv, n_split), dict(
         REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         BLOCK_L=tn["block_l"], DOT_FP32=dtype == torch.float32 or INTERPRET, DENSE=dense,
-        NORMALIZE=in_kernel and n_split == 1, MERGE=in_kernel and n_split > 1, SDC=sdc,
-        REP_P2=triton.next_power_of_2(rep), MERGE_BLOCK=max(1, merge_block), num_warps=tn["num_warps"])
+        NORMALIZE=dense and n_split == 1, MERGE=dense and n_split > 1, SDC=sdc,
+        REP_P2=triton.next_power_of_2(rep), MERGE_BLOCK=tn.get("merge_block", 1), num_warps=tn["num_warps"])
 
 
 def block_n_for(segments, cap=None) -> int:
@@ -992,40 +938,39 @@ if triton is not None:
 
     @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
     def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor,
-                                 n_split: int, sdc: int, merge_block: int) -> list[Tensor]:
+                                 n_split: int, sdc: int) -> list[Tensor]:
         """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32, or None for
-        dense attention; lohi: int32, visible keys lo <= j < hi, then (merged in-kernel, several
-        splits) B * Hkv zeroed counters (sparsity.visible_window). merge_block > 0: the output,
-        out (B, H, D) in q's dtype, from one chunk or merged in-kernel, merge_block chunks per
-        load. merge_block = 0 (Top-Theta only): the chunks' states, acc (B, H, splits, D) and
-        stats (B, H, splits, 6) fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax
-        (l_a only for sdc 1, the count only for sdc 2), for theta_attention's PyTorch merge."""
+        dense attention; lohi: int32, visible keys lo <= j < hi, then (dense, several splits)
+        B * Hkv zeroed counters (sparsity.visible_window). Dense: the output out (B, H, D) in q's
+        dtype, from one chunk or merged in-kernel (DENSE_ATTN_TUNING["merge_block"] chunks per
+        load). Top-Theta: the chunks' states, acc (B, H, splits, D) and stats (B, H, splits, 6)
+        fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax (l_a only for sdc 1, the
+        count only for sdc 2), for theta_attention's PyTorch merge."""
         B, H, D = q.shape
         Hkv = k.shape[1]
         dense = theta is None
-        if dense and merge_block < 1:
-            raise ValueError("decode_attention: merge_block must be >= 1 (dense chunks are merged in the kernel)")
-        in_kernel = merge_block > 0
-        merge = in_kernel and n_split > 1
+        if dense and DENSE_ATTN_TUNING["merge_block"] < 1:
+            raise ValueError("decode_attention: DENSE_ATTN_TUNING['merge_block'] must be >= 1 (chunks merged per load)")
+        merge = dense and n_split > 1
         if merge and lohi.numel() < 2 + B * Hkv:
             raise ValueError(f"decode_attention: lohi has {lohi.numel()} entries; merging key chunks needs lo, hi "
                              f"and {B * Hkv} zeroed counters after them (sparsity.visible_window(mask, B * Hkv))")
         acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
         stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
-        out = q.new_empty((B, H, D) if in_kernel else (0,))
-        grid, meta = attention_launch(B, H, Hkv, D, n_split, q.dtype, dense, merge_block, sdc)
+        out = q.new_empty((B, H, D) if dense else (0,))
+        grid, meta = attention_launch(B, H, Hkv, D, n_split, q.dtype, dense, sdc)
         _theta_attention_kernel[grid](
-            q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if in_kernel else acc,
+            q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if dense else acc,
             B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2), **meta)
         return [acc, stats, out]
 
     @theta_attention_partials.register_fake
-    def _(q, k, v, theta, lohi, n_split, sdc, merge_block):
+    def _(q, k, v, theta, lohi, n_split, sdc):
         B, H, D = q.shape
         return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32),
-                q.new_empty((B, H, D) if merge_block > 0 else (0,))]
+                q.new_empty((B, H, D) if theta is None else (0,))]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
@@ -1035,19 +980,16 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
     counters, see sparsity.visible_window). q: (B, H, D); k, v: (B, Hkv, L, D).
     Returns (B, H, D) in q's dtype."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device, dense=True)
-    return theta_attention_partials(q, k, v, None, lohi, n_split, 0, DENSE_ATTN_TUNING["merge_block"])[2]
+    return theta_attention_partials(q, k, v, None, lohi, n_split, 0)[2]
 
 
 def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int) -> Tensor:
-    """Top-Theta decode attention, same contract as theta_attention_ref (lo/hi as a tensor, then
-    B * Hkv zeroed counters when the kernel merges several chunks), returned in q's dtype.
-    ATTN_TUNING["merge_block"] > 0: the kernel's last program per KV head merges the key
-    chunks (one launch, as decode_attention); 0: the chunks' states are merged here in plain
-    PyTorch (torch.compile fuses it: more launches, no serial loop in the kernel)."""
+    """Top-Theta decode attention, same contract as theta_attention_ref (lo/hi as a tensor),
+    returned in q's dtype. The kernel writes each key chunk's state; the chunks are merged here
+    in plain PyTorch (torch.compile fuses it). Merged by the kernel's last program instead (as
+    decode_attention), it was 1-6 us slower per layer on an H100 (BENCHMARKS.md session 8)."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st, out = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc, ATTN_TUNING["merge_block"])
-    if ATTN_TUNING["merge_block"] > 0:
-        return out
+    acc, st, _ = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc)
     m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
     M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
     w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0

@@ -154,8 +154,7 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 SPACES = dict(
     # 3 programs per SM (2 for gate+up): what fits an SM at block 128 x 64 (scripts/kernel_regs.py), one wave
     gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
-    attn=dict(merge_block=(0, 8, 16, 32), keys_per_program=(64, 128), block_l=(32, 64), programs_per_sm=(2, 4, 8),
-              num_warps=(2, 4)),
+    attn=dict(keys_per_program=(64, 128), block_l=(32, 64), programs_per_sm=(2, 4, 8), num_warps=(2, 4)),
     dense_attn=dict(keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4), merge_block=(1, 16),
                     num_warps=(2, 4)),
 )
@@ -272,8 +271,7 @@ def thresholds_keeping(q, k, keep):
 
 def sweep_attention(copy_gbs):
     """Launch configurations of theta_attention, compiled as in a model (the PyTorch merge fused),
-    Llama-3-8B heads, 10% of scores kept, 8k and 32k keys; merge_block 0 merges the key chunks
-    in PyTorch, > 0 in the kernel (that many chunks per load). Sets ATTN_TUNING to the best."""
+    Llama-3-8B heads, 10% of scores kept, 8k and 32k keys. Sets ATTN_TUNING to the best."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
@@ -322,8 +320,6 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     the 4 heads sharing it keeps it."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
-    tuned = kernels.ATTN_TUNING["merge_block"]
-    merges = dict(pytorch=0, kernel=tuned or KERNEL_MERGE_BLOCK)  # the PyTorch merge and the in-kernel one
     attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the PyTorch merge fused, as in a model
     rows = []
     for L in lengths:
@@ -337,20 +333,12 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
             theta = thresholds_keeping(q[:, :, 0], ks[0], keep)
             kept = a[0] > theta[:, None]
             v_frac = float(kept.view(Hkv, H // Hkv, L).any(1).float().mean())
-            us = {}
-            for m, merge_block in merges.items():  # read when traced: dynamo's guard recompiles per value
-                kernels.ATTN_TUNING["merge_block"] = merge_block
-                us[m] = 1e6 * graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
-            kernels.ATTN_TUNING["merge_block"] = tuned
-            sec = us["pytorch" if tuned == 0 else "kernel"] / 1e6  # what a model runs
+            sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], theta, lohi, 0))
             ideal = (1 + v_frac) * B * Hkv * L * D * 2 / (copy_gbs * 1e9)
-            rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_pytorch_merge=us["pytorch"],
-                             us_kernel_merge=us["kernel"], kernel_merge_block=merges["kernel"],
-                             us_sdpa_mask=t_mask * 1e6, us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6,
-                             us_dense_kernel=t_dense * 1e6))
-            print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel, PyTorch merge "
-                  f"{us['pytorch']:6.1f} us, in-kernel merge ({merges['kernel']} per load) {us['kernel']:6.1f} us  "
-                  f"SDPA masked {t_mask * 1e6:7.1f} us  SDPA no mask {t_flash * 1e6:7.1f} us  "
+            rows.append(dict(L=L, keep=keep, v_rows_read=v_frac, us=sec * 1e6, us_sdpa_mask=t_mask * 1e6,
+                             us_sdpa_nomask=t_flash * 1e6, us_ideal=ideal * 1e6, us_dense_kernel=t_dense * 1e6))
+            print(f"attention L={L:>6} keep {keep:.2f} (V rows read {v_frac:.2f}): theta kernel + merge "
+                  f"{sec * 1e6:6.1f} us  SDPA masked {t_mask * 1e6:7.1f} us  SDPA no mask {t_flash * 1e6:7.1f} us  "
                   f"dense kernel {t_dense * 1e6:7.1f} us  ideal {ideal * 1e6:6.1f} us  the model's: vs masked SDPA "
                   f"{t_mask / sec:.2f}x, vs the dense kernel {t_dense / sec:.2f}x", flush=True)
         ks = vs = None  # free the caches before the next length
@@ -477,7 +465,6 @@ def bench_gemv(copy_gbs, batch=1):
     return rows
 
 
-KERNEL_MERGE_BLOCK = 16  # --attention's in-kernel merge column and -kmerge rows, unless --attention-sweep picked one
 E2E = {  # name -> calibrate() keyword arguments (paper operating points)
     "teal25": dict(method="teal", sparsity=0.25), "teal40": dict(method="teal", sparsity=0.4),
     "teal50": dict(method="teal", sparsity=0.5), "cats50": dict(method="cats", sparsity=0.5),
@@ -494,7 +481,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     import calibrate as cal
     import kernels
     import sparsity as sp
-    compact_min, attn_merge = kernels.COMPACT_MIN_SPARSITY, kernels.ATTN_TUNING["merge_block"]
+    compact_min = kernels.COMPACT_MIN_SPARSITY
     torch.manual_seed(0)
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
@@ -509,15 +496,12 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
         # <method>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
         kernels.COMPACT_MIN_SPARSITY = float("inf") if name.endswith("-masked") else compact_min
-        # <method>-pmerge / -kmerge: Top-Theta's key chunks merged in PyTorch / by the kernel's last program
-        kernels.ATTN_TUNING["merge_block"] = 0 if name.endswith("-pmerge") else \
-            (attn_merge or KERNEL_MERGE_BLOCK) if name.endswith("-kmerge") else attn_merge
         if name in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
             base, suffix = name.rsplit("-", 1) if "-" in name else (name, "")
-            kw = E2E[base if suffix in ("unfused", "masked", "pmerge", "kmerge") else name]
+            kw = E2E[base if suffix in ("unfused", "masked") else name]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -541,7 +525,6 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     sp.DENSE_ATTENTION_KERNEL = True
     sp.FUSED_SPARSE_GEMV = True
     kernels.COMPACT_MIN_SPARSITY = compact_min
-    kernels.ATTN_TUNING["merge_block"] = attn_merge
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -559,8 +542,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
                                                   "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
-                                                  "sparse_gemv without the kept-channel list, '-pmerge' / "
-                                                  "'-kmerge': Top-Theta's chunks merged in PyTorch / in-kernel)")
+                                                  "sparse_gemv without the kept-channel list)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")

@@ -78,16 +78,15 @@ def sparse_gemv_cases():
 
 
 def attention_cases(L=8192):
-    """decode_attention (dense, chunks merged in-kernel) and theta_attention (each merge), at L keys."""
+    """decode_attention (dense, chunks merged in-kernel) and theta_attention (the chunks' states), at L keys."""
     for dense in (True, False):
         tn = kernels.attention_tuning(dense)
         n_split = kernels.attention_splits(1, 8, L, None, dense=dense)
-        for mb in [tn["merge_block"]] if dense else sorted({0, tn["merge_block"] or 16}):
-            grid, meta = kernels.attention_launch(1, 32, 8, 128, n_split, torch.bfloat16, dense, mb, 0)
-            label = "decode_attention" if dense else f"theta_attention ({'PyTorch merge' if mb == 0 else 'in-kernel'})"
-            yield (f"{label}, merge_block {mb}, block_l {tn['block_l']}, {L} keys", kernels._theta_attention_kernel,
-                   dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, ACC=F32, STATS=F32, COUNT=I32, OUT=BF16),
-                   grid, meta)
+        grid, meta = kernels.attention_launch(1, 32, 8, 128, n_split, torch.bfloat16, dense, 0)
+        label = f"decode_attention, merge_block {tn['merge_block']}" if dense else "theta_attention"
+        yield (f"{label}, block_l {tn['block_l']}, {L} keys", kernels._theta_attention_kernel,
+               dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, ACC=F32, STATS=F32, COUNT=I32, OUT=BF16),
+               grid, meta)
 
 
 def gemv_cases():

@@ -413,33 +413,28 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 4, 2, 16), (2, 3, 3, 24)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("sdc", [0, 1, 2])
-@pytest.mark.parametrize("merge", ["pytorch", "kernel", "one chunk"])
-def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc, merge, monkeypatch):
+@pytest.mark.parametrize("chunks", ["several", "one"])
+def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc, chunks, monkeypatch):
     """Top-Theta decode attention: odd head dim, GQA and plain, a visible window lo..hi that
     is not a multiple of the key block, thresholds that keep everything and nothing; the
-    key chunks' states merged in PyTorch, or in the kernel 4 chunks per load (a last block
-    part full), or one chunk normalised in the kernel."""
-    monkeypatch.setitem(kernels.ATTN_TUNING, "merge_block", 0 if merge == "pytorch" else 4)
-    if merge == "one chunk":
-        if dtype != torch.float32:
-            pytest.skip("one chunk in bf16: the same output store as test_decode_attention's")
+    cache split into several key chunks or one, their states merged in PyTorch."""
+    if chunks == "one":
         monkeypatch.setitem(kernels.ATTN_TUNING, "keys_per_program", 1000)
     L, lo, hi = 300, 7, 290
     n_split = kernels.attention_splits(B, Hkv, L, torch.device(DEVICE))
-    assert (n_split == 1) == (merge == "one chunk") and (B > 1 or n_split in (1, 5))
+    assert (n_split == 1) == (chunks == "one") and (B > 1 or n_split in (1, 5))
     q = torch.randn(B, H, D, device=DEVICE).to(dtype)
     k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
     v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
     a = torch.einsum("bhd,bhnd->bhn", q.float(), k[:, :, lo:hi].float().repeat_interleave(H // Hkv, 1)) / D ** 0.5
     theta = torch.tensor([thresholds_for(a[:, h], sparsity) for h in range(H)], device=DEVICE)
     theta[0] = -float("inf")  # one dense head
-    lohi = torch.tensor([lo, hi] + [0] * (B * Hkv), dtype=torch.int32, device=DEVICE)  # + merge counters
+    lohi = torch.tensor([lo, hi], dtype=torch.int32, device=DEVICE)
     y = kernels.theta_attention(q, k, v, theta, lohi, sdc)
     ref = kernels.theta_attention_ref(q, k, v, theta, lo, hi, sdc)
     assert y.dtype == dtype and not torch.isnan(y).any()
     for h in range(H):  # per head: a head that keeps nothing has outputs ~100x smaller than a dense one
         assert rel_err(y[:, h], ref[:, h]) < TOL[dtype], h
-    assert not lohi[2:].any()  # the in-kernel merge leaves its counters at zero for the next call
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -470,21 +465,21 @@ def test_decode_attention(dtype, keys_per_program, merge_block, monkeypatch):
     if kernels.attention_splits(B, Hkv, L, torch.device(DEVICE), dense=True) > 1:  # several chunks, no counters
         with pytest.raises(ValueError, match="zeroed counters"):
             kernels.decode_attention(q, k, v, lohi[:2])
+    kernels.DENSE_ATTN_TUNING["merge_block"] = 0
+    with pytest.raises(ValueError, match="merge_block"):
+        kernels.decode_attention(q, k, v, lohi)
 
 
 @pytest.mark.parametrize("sdc", ["none", "exact", "theta", "dense"])
-@pytest.mark.parametrize("merge_block", [0, 2])
-def test_model_decode_theta_attention_kernel_equals_reference(sdc, merge_block, monkeypatch):
+def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
     """A decode step of a Top-Theta model (GQA, sliding window) through the kernel equals the
     reference thresholded_attention, and the thresholds really drop scores; with no config
-    ("dense") the kernel's decode attention equals SDPA's. Key chunks merged in PyTorch
-    (Top-Theta) or in the kernel, two per load; the model's window tensor has the counters."""
+    ("dense") the kernel's decode attention equals SDPA's. Several key chunks: merged in PyTorch
+    (Top-Theta) or in the kernel, two per load (dense; the model's window tensor has the counters)."""
     import calibrate as cal
     import sparsity as sp
-    monkeypatch.setitem(kernels.ATTN_TUNING, "merge_block", merge_block)
     monkeypatch.setitem(kernels.ATTN_TUNING, "keys_per_program", 8)
-    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(keys_per_program=8, programs_per_sm=64,
-                                                           merge_block=max(1, merge_block)))
+    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(keys_per_program=8, programs_per_sm=64, merge_block=2))
     cfg_m, model = tiny_model(std=0.3, sliding_window=24)
     if sdc != "dense":
         cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
@@ -522,4 +517,4 @@ def test_kernels_compile_for_sm90():
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "warps:" in line]
-    assert len(lines) == 3 + 8 + 3 and all("registers" in line and "waves" in line for line in lines), out.stdout
+    assert len(lines) == 3 + 8 + 2 and all("registers" in line and "waves" in line for line in lines), out.stdout
