@@ -276,7 +276,8 @@ def convert_gguf(path: Path, dst: Path):
     if fields.get("tokenizer.ggml.model") == "llama":  # SentencePiece (Llama-1/2, Mistral)
         (dst / "tokenizer.model").write_bytes(sentencepiece_model_bytes(
             fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"], fields["tokenizer.ggml.token_type"],
-            unk_id=fields.get("tokenizer.ggml.unknown_token_id", 0), bos_id=fields.get("tokenizer.ggml.bos_token_id", 1),
+            unk_id=fields.get("tokenizer.ggml.unknown_token_id", 0),
+            bos_id=fields.get("tokenizer.ggml.bos_token_id", 1),
             eos_id=fields.get("tokenizer.ggml.eos_token_id", 2),
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True))))
         return
