@@ -152,7 +152,7 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 
 # Launch-configuration spaces of the sweeps; --space overrides one axis, e.g. gemv:programs_per_sm=2,3,4
 SPACES = dict(
-    # 3 programs per SM (2 for gate+up): what fits an SM at block 128 x 64 (scripts/kernel_regs.py), one wave
+    # 3 programs per SM: what fits an SM at block 128 x 64 (scripts/kernel_regs.py); 4 measured faster (session 8)
     gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
     attn=dict(keys_per_program=(64, 128), block_l=(32, 64), programs_per_sm=(2, 4, 8), num_warps=(2, 4)),
     dense_attn=dict(keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4), merge_block=(1, 16),
@@ -281,7 +281,7 @@ def sweep_attention(copy_gbs):
         ks = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         vs = [torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         caches.append((ks, vs, thresholds_keeping(q, ks[0], 0.1),
-                       torch.tensor([0, L] + [0] * (B * Hkv), dtype=torch.int32, device="cuda")))  # + counters
+                       torch.tensor([0, L], dtype=torch.int32, device="cuda")))
     for tn in configs(SPACES["attn"]):
         kernels.ATTN_TUNING.update(tn)
         torch._dynamo.reset()
@@ -354,7 +354,8 @@ def bench_dense_attention(lengths=(145, 1089, 8256, 32768)):
     the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
-    cands = [tuple(c.values()) for c in configs(SPACES["dense_attn"])]  # (kpp, pps, mb, w)
+    cands = [(c["keys_per_program"], c["programs_per_sm"], c["merge_block"], c["num_warps"])
+             for c in configs(SPACES["dense_attn"])]
     rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
@@ -560,8 +561,8 @@ def main():
     for spec in a.space:
         sweep, _, axis_values = spec.partition(":")
         axis, _, values = axis_values.partition("=")
-        if sweep not in SPACES or axis not in SPACES[sweep] or not values:
-            ap.error(f"--space {spec}: expected SWEEP:AXIS=V1,V2 with SWEEP:AXIS one of "
+        if sweep not in SPACES or axis not in SPACES[sweep] or not all(v.isdigit() for v in values.split(",")):
+            ap.error(f"--space {spec}: expected SWEEP:AXIS=V1,V2 (integers) with SWEEP:AXIS one of "
                      + ", ".join(f"{k}:{ax}" for k, sp_ in SPACES.items() for ax in sp_))
         SPACES[sweep][axis] = tuple(int(v) for v in values.split(","))
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"

@@ -129,3 +129,16 @@ def test_dump_activations_one_file_per_token(smollm2_dir, tmp_path):
 def torch_float32():
     import torch
     return torch.float32
+
+
+def test_bench_space_overrides_one_axis():
+    """bench.py --space narrows one axis of a sweep (checked before any GPU is needed); a wrong
+    sweep, axis or value is a one-line usage error naming the valid ones."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    assert bench.configs(dict(a=(1, 2), b=(3,))) == [dict(a=1, b=3), dict(a=2, b=3)]
+    assert len(bench.configs(bench.SPACES["dense_attn"])) == 3 * 3 * 2 * 2
+    for bad in ("gemv:foo=1", "nope:block_n=64", "gemv:block_n=", "gemv:block_n=6x"):
+        p = run("scripts/bench.py", "--space", bad)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert f"--space {bad}: expected SWEEP:AXIS=V1,V2" in p.stderr and "gemv:programs_per_sm" in p.stderr
