@@ -609,9 +609,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_k = mk_new
         if NORMALIZE:  # dense, one chunk: the output itself
-            y = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
-            out_rows = OUT + (b * Hkv * REP + heads[:, None]) * D + offs_d[None, :]  # (B, H, D), q's dtype
-            tl.store(out_rows, y.to(OUT.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            _store_dense_output(OUT, acc, l_k, b * Hkv * REP + heads, r_ok, offs_d, d_ok, D)
         else:
             out = b * stride_ab + heads[:, None] * stride_ah + pid_s * stride_as + offs_d[None, :]
             tl.store(ACC + out, acc, mask=r_ok[:, None] & d_ok[None, :])
@@ -635,10 +633,16 @@ if triton is not None:
                     g_lk, g_acc = _merged_state(ACC, STATS, b, g_heads, h_ok, offs_d, d_ok, n_split, stride_ab,
                                                 stride_ah, stride_as, stride_sb, stride_sh, stride_ss, REP_P2, D_PAD,
                                                 MERGE_BLOCK)
-                    y = g_acc / tl.where(g_lk == 0, 1.0, g_lk)[:, None]
-                    out_rows = OUT + (b * Hkv * REP + g_heads[:, None]) * D + offs_d[None, :]
-                    tl.store(out_rows, y.to(OUT.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+                    _store_dense_output(OUT, g_acc, g_lk, b * Hkv * REP + g_heads, h_ok, offs_d, d_ok, D)
                     tl.store(COUNT + pid_bh, 0)
+
+    @triton.jit
+    def _store_dense_output(OUT, acc, l_k, rows, ok, offs_d, d_ok, D: tl.constexpr):
+        """Dense attention's output acc / l_k (0 where no key was visible) into rows of OUT,
+        (B * H, D) in OUT's dtype, the layout wo reads."""
+        y = acc / tl.where(l_k == 0, 1.0, l_k)[:, None]
+        tl.store(OUT + rows[:, None] * D + offs_d[None, :], y.to(OUT.dtype.element_ty),
+                 mask=ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _merged_state(ACC, STATS, b, heads, h_ok, offs_d, d_ok, n_split, stride_ab, stride_ah, stride_as,
