@@ -58,7 +58,8 @@ captures them in the CUDA graph with no graph break.
 4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
    small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
 
-Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs).
+Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs), ACTSPARSE_PDL=0 to launch
+each kernel only after the previous one ended (no programmatic dependent launch, see PDL).
 """
 import math
 import os
@@ -76,6 +77,12 @@ except ImportError:  # pragma: no cover - triton is a dependency, but keep CPU u
 MAX_BATCH = 8
 # Triton's CPU interpreter has no bf16 matrix product: there, tl.dot runs in fp32 (same result).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Programmatic dependent launch (Hopper on): the decode kernels are launched so that their programs can be
+# scheduled while the previous kernel's last programs still run (_launch_next, after a kernel's main loop),
+# and wait for its results in their first instruction (_await_previous). False: each launch waits for the
+# previous kernel to end (bench rows -nopdl; ACTSPARSE_PDL=0). H100, one run (BENCHMARKS.md session 9):
+# TEAL 50% 262.8 vs 254.8 tok/s, dense 183.4 vs 180.8; the logits are the same bit for bit.
+PDL = os.environ.get("ACTSPARSE_PDL", "1") != "0"
 
 
 def enabled(x: Tensor) -> bool:
@@ -83,6 +90,11 @@ def enabled(x: Tensor) -> bool:
     ACTSPARSE_KERNELS=force also on CPU (tests, through the Triton interpreter)."""
     flag = os.environ.get("ACTSPARSE_KERNELS", "1")
     return triton is not None and flag != "0" and (x.is_cuda or flag == "force")
+
+
+def pdl(x: Tensor) -> bool:
+    """Launch the kernels reading x with programmatic dependent launch? (PDL, a CUDA GPU of sm_90 on.)"""
+    return PDL and x.is_cuda and not INTERPRET and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def is_decode(x: Tensor) -> bool:
@@ -188,15 +200,34 @@ def theta_attention_ref(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lo: int,
 
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _await_previous(PDL: tl.constexpr):
+        """First statement of a kernel launched with programmatic dependent launch: wait until the
+        previous kernel has ended and its writes are visible (nothing may be read or written before)."""
+        if PDL:
+            gdc_wait()
+
+    @triton.jit
+    def _launch_next(PDL: tl.constexpr):
+        """After a kernel's main loop: once every program got here, the next kernel's programs may be
+        scheduled on free SM slots (they wait in _await_previous), so its launch overlaps this one's
+        tail (merges, epilogues). Here, not at the start: programs resident early sit on the slots
+        they got, and a dense GEMV whose next programs all landed at once ran 10-20% slower."""
+        if PDL:
+            gdc_launch_dependents()
+
     @triton.jit
     def _gemv_kernel(X, W1, W2, G, R, Y, K, N, stride_w1, stride_w2, eps, SWIGLU: tl.constexpr,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, PDL: tl.constexpr):
         """Dense batch-1 GEMV over BLOCK_N weight rows (whole K per program, no split): a 2-D
         fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u.
         NORM: the input is RMSNorm(x) * G. Every program walks all of x anyway, so it sums x^2
         on the way and scales its dot products by 1/rms at the end (W (x*G) / rms): the norm
         costs no extra pass and no kernel of its own. RESIDUAL: adds R (the residual stream)."""
+        _await_previous(PDL)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -217,6 +248,7 @@ if triton is not None:
             if SWIGLU:
                 w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wm, other=0.0)
                 acc2 += w2.to(tl.float32) * x[None, :]
+        _launch_next(PDL)
         y = tl.sum(acc1, 1)
         if NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sumsq, 0) / K + eps)
@@ -312,7 +344,8 @@ if triton is not None:
                             stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
                             NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
-                            SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr):
+                            SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
+                            PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -324,6 +357,7 @@ if triton is not None:
         stores its partial sums in P; the program that finishes its column block last (an
         atomic counter per block, reset by it afterwards) sums them and runs the epilogue
         (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel."""
+        _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -381,6 +415,7 @@ if triton is not None:
                 acc1 += xs1[:, None] * w1.to(tl.float32)
                 if SWIGLU:
                     acc2 += xs2[:, None] * w2.to(tl.float32)
+        _launch_next(PDL)
         y1 = tl.sum(acc1, 0)
         y2 = tl.sum(acc2, 0)
         if MERGE:
@@ -442,7 +477,9 @@ if triton is not None:
 
     @triton.jit
     def _gated_rows_kernel(X, W1, W2, P, Y, B, K, N, t, stride_xb, stride_w1, stride_w2, stride_pb, stride_yb,
-                           MODE: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           MODE: tl.constexpr, B_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr):
+        _await_previous(PDL)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -473,6 +510,7 @@ if triton is not None:
                 w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wmask,
                              other=0.0).to(tl.float32)
                 acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
+        _launch_next(PDL)
         if MODE == 0:
             s = a * acc1
         elif MODE == 1:
@@ -488,10 +526,13 @@ if triton is not None:
 if triton is not None:
     @triton.jit
     def _rope_kv_kernel(QKV, COS, SIN, POS, Q, KC, VC, H, Hkv, stride_xb, stride_kb, stride_kh, stride_kl,
-                        stride_vb, stride_vh, stride_vl, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                        stride_vb, stride_vh, stride_vl, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                        PDL: tl.constexpr):
         """One program per (sequence, head) of q, k and v: rotate-half RoPE in fp32 on a q head
         (stored to Q, (B, H, 2 HALF)) or a k head (stored into the K cache at POS); a v head is
         copied into the V cache."""
+        _await_previous(PDL)
+        _launch_next(PDL)  # a few hundred bytes per program: no main loop to wait for
         b = tl.program_id(0)
         j = tl.program_id(1)
         o = tl.arange(0, HALF_PAD)
@@ -526,7 +567,7 @@ if triton is not None:
                                 REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, DENSE: tl.constexpr,
                                 NORMALIZE: tl.constexpr, MERGE: tl.constexpr, SDC: tl.constexpr,
-                                REP_P2: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+                                REP_P2: tl.constexpr, MERGE_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One program: one KV head (its REP query heads together) over one chunk of keys.
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Writes the chunk's online-softmax state over kept scores
@@ -539,6 +580,7 @@ if triton is not None:
         chunks per load (_merged_state), and resets the counter (no merge kernels). Both write
         OUT (B, H, D) in q's dtype, the layout wo reads.
         """
+        _await_previous(PDL)
         pid_bh = tl.program_id(0)
         pid_s = tl.program_id(1)
         b = pid_bh // Hkv
@@ -608,6 +650,7 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_k = mk_new
+        _launch_next(PDL)
         if NORMALIZE:  # dense, one chunk: the output itself
             _store_dense_output(OUT, acc, l_k, b * Hkv * REP + heads, r_ok, offs_d, d_ok, D)
         else:
@@ -818,7 +861,7 @@ if triton is not None:
         _sparse_gemv_kernel[grid](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
             r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
-            wt.stride(0), N, float(eps), **meta)
+            wt.stride(0), N, float(eps), PDL=pdl(x), launch_pdl=pdl(x), **meta)
         return y
 
     @sparse_gemv.register_fake
@@ -839,7 +882,7 @@ if triton is not None:
         grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None)
         _gemv_kernel[grid](
             x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), **meta)
+            w1.stride(0), w2_.stride(0), float(eps), PDL=pdl(x), launch_pdl=pdl(x), **meta)
         return y
 
     @gemv.register_fake
@@ -860,7 +903,8 @@ if triton is not None:
         w2_ = w2 if w2 is not None else w1
         _gated_rows_kernel[(triton.cdiv(N, block_n),)](
             x, w1, w2_, p, y, B, K, N, float(t), x.stride(0), w1.stride(0), w2_.stride(0), p.stride(0),
-            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tn["num_warps"])
+            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl(x), launch_pdl=pdl(x),
+            num_warps=tn["num_warps"])
         return y
 
     @gated_rows.register_fake
@@ -933,7 +977,8 @@ if triton is not None:
         _rope_kv_kernel[(B, n_heads + 2 * Hkv)](
             qkv, cos.contiguous(), sin.contiguous(), pos, q, k_cache, v_cache, n_heads, Hkv, qkv.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), num_warps=1)
+            v_cache.stride(2), HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), PDL=pdl(qkv),
+            launch_pdl=pdl(qkv), num_warps=1)
         return q
 
     @rope_kv_update.register_fake
@@ -967,7 +1012,8 @@ if triton is not None:
             q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if dense else acc,
             B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2), **meta)
+            acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
+            PDL=pdl(q), launch_pdl=pdl(q), **meta)
         return [acc, stats, out]
 
     @theta_attention_partials.register_fake

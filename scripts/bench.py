@@ -497,12 +497,14 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
         # <method>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
         kernels.COMPACT_MIN_SPARSITY = float("inf") if name.endswith("-masked") else compact_min
-        if name in ("dense", "dense-torch", "dense-sdpa"):
+        # <method>-nopdl: every kernel launched to wait for the previous one's end (no programmatic dependent launch)
+        kernels.PDL = not name.endswith("-nopdl")
+        if name in ("dense", "dense-torch", "dense-sdpa", "dense-nopdl"):
             sp.apply(model, None)
             eff = 0.0
         else:
             base, suffix = name.rsplit("-", 1) if "-" in name else (name, "")
-            kw = E2E[base if suffix in ("unfused", "masked") else name]
+            kw = E2E[base if suffix in ("unfused", "masked", "nopdl") else name]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -526,6 +528,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     sp.DENSE_ATTENTION_KERNEL = True
     sp.FUSED_SPARSE_GEMV = True
     kernels.COMPACT_MIN_SPARSITY = compact_min
+    kernels.PDL = True
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()

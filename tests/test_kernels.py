@@ -409,6 +409,40 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
     assert compiled.shape == (1, 1) and compiled.item() == eager.item()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs an sm_90+ GPU (on CPU, kernel_regs compiles it)")
+@pytest.mark.parametrize("method", [None, "teal", "top-theta"])
+def test_pdl_decode_equals_serial_launches(method, monkeypatch):
+    """The compiled decode step (reduce-overhead: CUDA graphs) with every kernel launched by
+    programmatic dependent launch gives the logits of serial launches bit for bit: no kernel
+    reads or writes before it waits for the previous one (_await_previous). Real head sizes,
+    a cache long enough for several key chunks merged in-kernel, grids of several waves."""
+    import calibrate as cal
+    import sparsity as sp
+    from model import ModelArgs, random_model
+    cfg = ModelArgs(dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=128, intermediate_size=3584,
+                    vocab_size=512)
+    model = random_model(cfg, device="cuda", dtype=torch.bfloat16)
+    ctx, tokens = 1500, torch.randint(0, 512, (8,), device="cuda")
+    if method:
+        kw = dict(attention="top-theta", k=64) if method == "top-theta" else dict(method=method, sparsity=0.5)
+        sp.apply(model, cal.calibrate(model, torch.randint(0, 512, (1, 256), device="cuda"), progress=False, **kw))
+    prompt = torch.randint(0, 512, (1, ctx), device="cuda")
+
+    def decode(pdl):
+        monkeypatch.setattr(kernels, "PDL", pdl)
+        torch._dynamo.reset()
+        model.setup_caches(max_batch_size=1, max_seq_len=ctx + len(tokens))
+        with torch.no_grad():
+            model(prompt, torch.arange(ctx, device="cuda"))
+            step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            return torch.stack([step(t.view(1, 1), torch.tensor([ctx + i], device="cuda")).clone()
+                                for i, t in enumerate(tokens)])
+
+    serial = decode(False)
+    assert torch.equal(decode(True), serial) and serial.isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 4, 2, 16), (2, 3, 3, 24)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
