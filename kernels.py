@@ -92,9 +92,11 @@ def enabled(x: Tensor) -> bool:
     return triton is not None and flag != "0" and (x.is_cuda or flag == "force")
 
 
-def pdl(x: Tensor) -> bool:
-    """Launch the kernels reading x with programmatic dependent launch? (PDL, a CUDA GPU of sm_90 on.)"""
-    return PDL and x.is_cuda and not INTERPRET and torch.cuda.get_device_capability(x.device)[0] >= 9
+def pdl_args(x: Tensor) -> dict:
+    """A kernel's PDL constexpr and Triton's launch_pdl for a launch reading x: programmatic
+    dependent launch when PDL is on and x is on a CUDA GPU of sm_90 on."""
+    on = PDL and x.is_cuda and not INTERPRET and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return dict(PDL=on, launch_pdl=on)
 
 
 def is_decode(x: Tensor) -> bool:
@@ -861,7 +863,7 @@ if triton is not None:
         _sparse_gemv_kernel[grid](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
             r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
-            wt.stride(0), N, float(eps), PDL=pdl(x), launch_pdl=pdl(x), **meta)
+            wt.stride(0), N, float(eps), **pdl_args(x), **meta)
         return y
 
     @sparse_gemv.register_fake
@@ -882,7 +884,7 @@ if triton is not None:
         grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None)
         _gemv_kernel[grid](
             x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), PDL=pdl(x), launch_pdl=pdl(x), **meta)
+            w1.stride(0), w2_.stride(0), float(eps), **pdl_args(x), **meta)
         return y
 
     @gemv.register_fake
@@ -903,7 +905,7 @@ if triton is not None:
         w2_ = w2 if w2 is not None else w1
         _gated_rows_kernel[(triton.cdiv(N, block_n),)](
             x, w1, w2_, p, y, B, K, N, float(t), x.stride(0), w1.stride(0), w2_.stride(0), p.stride(0),
-            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl(x), launch_pdl=pdl(x),
+            y.stride(0), MODE=mode, B_PAD=b_pad, BLOCK_N=block_n, BLOCK_K=block_k, **pdl_args(x),
             num_warps=tn["num_warps"])
         return y
 
@@ -977,8 +979,8 @@ if triton is not None:
         _rope_kv_kernel[(B, n_heads + 2 * Hkv)](
             qkv, cos.contiguous(), sin.contiguous(), pos, q, k_cache, v_cache, n_heads, Hkv, qkv.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2), PDL=pdl(qkv),
-            launch_pdl=pdl(qkv), num_warps=1)
+            v_cache.stride(2), HALF=D // 2, HALF_PAD=triton.next_power_of_2(D // 2),
+            num_warps=1, **pdl_args(qkv))
         return q
 
     @rope_kv_update.register_fake
@@ -1013,7 +1015,7 @@ if triton is not None:
             B, Hkv, n_split, 1.0 / math.sqrt(D),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
-            PDL=pdl(q), launch_pdl=pdl(q), **meta)
+            **pdl_args(q), **meta)
         return [acc, stats, out]
 
     @theta_attention_partials.register_fake
