@@ -478,6 +478,15 @@ E2E = {  # name -> calibrate() keyword arguments (paper operating points)
 }
 
 
+E2E_VARIANTS = ("unfused", "masked", "nopdl")  # row-name suffixes, e.g. teal50-nopdl, dense-nopdl
+
+
+def split_row(name: str):
+    """An --e2e row name as (base, variant): 'teal50-nopdl' -> ('teal50', 'nopdl'), 'top-theta' -> ('top-theta', '')."""
+    base, _, suffix = name.rpartition("-")
+    return (base, suffix) if suffix in E2E_VARIANTS else (name, "")
+
+
 def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     import calibrate as cal
     import kernels
@@ -489,22 +498,22 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
     rows, dense_tok_s = [], None
     for name in names:
         t0 = time.perf_counter()
+        base, suffix = split_row(name)
         # dense-torch: dense with every kernel off (inductor's / cuBLAS's GEMVs, masked SDPA), as gpt-fast
-        os.environ["ACTSPARSE_KERNELS"] = "0" if name == "dense-torch" else "1"
+        os.environ["ACTSPARSE_KERNELS"] = "0" if base == "dense-torch" else "1"
         # dense-sdpa: the gemv kernels, but the masked SDPA for decode attention at any cache length
-        sp.DENSE_ATTENTION_KERNEL = name != "dense-sdpa"
-        # <method>-unfused: batch-1 sparse GEMVs as norm op, input_sparse_gemv, partial sums + residual ops
-        sp.FUSED_SPARSE_GEMV = not name.endswith("-unfused")
-        # <method>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
-        kernels.COMPACT_MIN_SPARSITY = float("inf") if name.endswith("-masked") else compact_min
-        # <method>-nopdl: every kernel launched to wait for the previous one's end (no programmatic dependent launch)
-        kernels.PDL = not name.endswith("-nopdl")
-        if name in ("dense", "dense-torch", "dense-sdpa", "dense-nopdl"):
+        sp.DENSE_ATTENTION_KERNEL = base != "dense-sdpa"
+        # <row>-unfused: batch-1 sparse GEMVs as norm op, input_sparse_gemv, partial sums + residual ops
+        sp.FUSED_SPARSE_GEMV = suffix != "unfused"
+        # <row>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
+        kernels.COMPACT_MIN_SPARSITY = float("inf") if suffix == "masked" else compact_min
+        # <row>-nopdl: every kernel launched to wait for the previous one's end (no programmatic dependent launch)
+        kernels.PDL = suffix != "nopdl"
+        if base in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
         else:
-            base, suffix = name.rsplit("-", 1) if "-" in name else (name, "")
-            kw = E2E[base if suffix in ("unfused", "masked", "nopdl") else name]
+            kw = E2E[base]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
             eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
@@ -546,7 +555,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
                                                   "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
-                                                  "sparse_gemv without the kept-channel list)")
+                                                  "sparse_gemv without the kept-channel list, '-nopdl': "
+                                                  "no programmatic dependent launch)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")

@@ -142,3 +142,17 @@ def test_bench_space_overrides_one_axis():
         p = run("scripts/bench.py", "--space", bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert f"--space {bad}: expected SWEEP:AXIS=V1,V2" in p.stderr and "gemv:programs_per_sm" in p.stderr
+
+
+def test_bench_e2e_row_names():
+    """bench.py --e2e rows: a method or dense row, optionally with one variant suffix; hyphens inside
+    a method's own name (top-theta, d-countdown70) are not variants."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    assert bench.split_row("teal50-nopdl") == ("teal50", "nopdl")
+    assert bench.split_row("dense-nopdl") == ("dense", "nopdl")
+    assert bench.split_row("d-countdown70-masked") == ("d-countdown70", "masked")
+    assert bench.split_row("top-theta") == ("top-theta", "")
+    assert bench.split_row("dense-sdpa") == ("dense-sdpa", "")
+    for name in ("teal50", "top-theta", "d-countdown-oracle70", "scap-unfused", "top-theta-nopdl"):
+        assert bench.split_row(name)[0] in bench.E2E
