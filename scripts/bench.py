@@ -65,7 +65,7 @@ def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, p
     model.setup_caches(max_batch_size=1, max_seq_len=context + new_tokens + 1)
     mods = [m for layer in model.layers for m in (layer.attention, layer.feed_forward)]
 
-    def run(n_tokens):
+    def prefill():
         saved = [m.sparsity for m in mods]
         for m in mods:
             m.sparsity = None
@@ -74,6 +74,10 @@ def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, p
         for m, sp_ in zip(mods, saved):  # the same objects again: the compiled step's guards still hold
             m.sparsity = sp_
         torch.cuda.synchronize()
+        return tok
+
+    def run(n_tokens, tok=None):
+        tok = prefill() if tok is None else tok
         t0 = time.perf_counter()
         with torch.no_grad():
             gen.decode_n_tokens(model, tok, torch.tensor([context], device="cuda", dtype=torch.int), n_tokens, 0.0,
@@ -86,13 +90,14 @@ def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, p
     sec = statistics.median(run(new_tokens) for _ in range(reps))
     if profile:
         from torch.profiler import ProfilerActivity
+        tok = prefill()  # outside the trace: the table is the decode steps' kernels alone
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-            run(16)
+            run(16, tok)
         print_kernel_table(prof, 16, sec)
     return sec
 
 
-def print_kernel_table(prof, n_steps, sec_per_token, top=14):
+def print_kernel_table(prof, n_steps, sec_per_token, top=24):
     """GPU time per decode step by kernel name (summed over every launch of that kernel)."""
     rows = [(e.self_device_time_total / n_steps, e.count // n_steps, e.key) for e in prof.key_averages()
             if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
@@ -154,9 +159,10 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 SPACES = dict(
     # 3 programs per SM: what fits an SM at block 128 x 64 (scripts/kernel_regs.py); 4 measured faster (session 8)
     gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
-    attn=dict(keys_per_program=(64, 128), block_l=(32, 64), programs_per_sm=(2, 4, 8), num_warps=(2, 4)),
-    dense_attn=dict(keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4), merge_block=(1, 16),
-                    num_warps=(2, 4)),
+    # block_l = keys_per_program: a chunk's K rows in one load, its V rows in one more (Top-Theta)
+    attn=dict(keys_per_program=(64, 128), block_l=(32, 64, 128), programs_per_sm=(2, 4, 8), num_warps=(2, 4, 8)),
+    dense_attn=dict(block_l=(32, 64), keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4),
+                    merge_block=(1, 16), num_warps=(2, 4)),
 )
 
 
@@ -270,7 +276,7 @@ def thresholds_keeping(q, k, keep):
 
 
 def sweep_attention(copy_gbs):
-    """Launch configurations of theta_attention, compiled as in a model (the PyTorch merge fused),
+    """Launch configurations of theta_attention, compiled as in a model (its merge kernel after it),
     Llama-3-8B heads, 10% of scores kept, 8k and 32k keys. Sets ATTN_TUNING to the best."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
@@ -320,7 +326,7 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
     the 4 heads sharing it keeps it."""
     import kernels
     B, H, Hkv, D = 1, 32, 8, 128
-    attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the PyTorch merge fused, as in a model
+    attend = torch.compile(kernels.theta_attention, fullgraph=True)  # the chunks' kernel + the merge, as in a model
     rows = []
     for L in lengths:
         ks, vs, q, lohi, t_mask = _attention_case(L, B, H, Hkv, D)
@@ -348,40 +354,35 @@ def bench_attention(copy_gbs, lengths=(8192, 16384, 32768)):
 
 def bench_dense_attention(lengths=(145, 1089, 8256, 32768)):
     """Dense decode attention: kernels.decode_attention (compiled; chunks merged in-kernel) for
-    several (keys_per_program, programs_per_sm, merge_block, num_warps) vs the masked SDPA,
-    Llama-3-8B heads, batch 1, every cache position visible. Sets DENSE_ATTN_TUNING to the
-    configuration whose time relative to the best at each length sums lowest (a raw sum would let
-    the longest cache decide alone)."""
+    each configuration of SPACES["dense_attn"] vs the masked SDPA, Llama-3-8B heads, batch 1,
+    every cache position visible. Sets DENSE_ATTN_TUNING to the configuration whose time relative
+    to the best at each length sums lowest (a raw sum would let the longest cache decide alone)."""
     import kernels
     B, Hkv = 1, 8
-    cands = [(c["keys_per_program"], c["programs_per_sm"], c["merge_block"], c["num_warps"])
-             for c in configs(SPACES["dense_attn"])]
+    cands = configs(SPACES["dense_attn"])
+    axes = list(SPACES["dense_attn"])
     rows, times = [], {}
     for L in lengths:
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
-        line = (f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by (keys_per_program, "
-                f"programs_per_sm, merge_block, num_warps):")
-        for kpp, pps, mb, w in cands:
-            kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
+        line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by ({', '.join(axes)}):"
+        for i, tn in enumerate(cands):
+            kernels.DENSE_ATTN_TUNING.update(tn)
             torch._dynamo.reset()
             attend = torch.compile(kernels.decode_attention, fullgraph=True)
             sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
-            times[L, kpp, pps, mb, w] = sec
+            times[L, i] = sec
             splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
-            rows.append(dict(L=L, keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w,
-                             splits=splits, us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
-            line += f" ({kpp},{pps},{mb},{w}): {sec * 1e6:.1f} [{splits}]"
+            rows.append(dict(L=L, **tn, splits=splits, us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
+            line += f" ({','.join(str(tn[a]) for a in axes)}): {sec * 1e6:.1f} [{splits}]"
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
-    score = {c: sum(times[(L, *c)] / min(times[(L, *c2)] for c2 in cands) for L in lengths) for c in cands}
-    best = min(score, key=score.get)
-    kpp, pps, mb, w = best
-    kernels.DENSE_ATTN_TUNING.update(keys_per_program=kpp, programs_per_sm=pps, merge_block=mb, num_warps=w)
-    print(f"best dense decode attention tuning: keys_per_program {kpp}, programs_per_sm {pps}, merge_block {mb}, "
-          f"num_warps {w} (sum of time / best time per length {score[best]:.2f} over {len(lengths)} lengths)",
-          flush=True)
+    score = [sum(times[L, i] / min(times[L, j] for j in range(len(cands))) for L in lengths) for i in range(len(cands))]
+    best = min(range(len(cands)), key=score.__getitem__)
+    kernels.DENSE_ATTN_TUNING.update(cands[best])
+    print(f"best dense decode attention tuning: {cands[best]} (sum of time / best time per length "
+          f"{score[best]:.2f} over {len(lengths)} lengths)", flush=True)
     return rows
 
 

@@ -137,7 +137,7 @@ def test_bench_space_overrides_one_axis():
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
     assert bench.configs(dict(a=(1, 2), b=(3,))) == [dict(a=1, b=3), dict(a=2, b=3)]
-    assert len(bench.configs(bench.SPACES["dense_attn"])) == 3 * 3 * 2 * 2
+    assert len(bench.configs(bench.SPACES["dense_attn"])) == 2 * 3 * 3 * 2 * 2
     for bad in ("gemv:foo=1", "nope:block_n=64", "gemv:block_n=", "gemv:block_n=6x"):
         p = run("scripts/bench.py", "--space", bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
