@@ -47,11 +47,13 @@ captures them in the CUDA graph with no graph break.
 3. theta_attention: Top-Theta decode attention (arXiv 2502.08363, pre-softmax placement).
    Split over keys (flash-decoding): every K row is read, since every score is compared
    with its threshold, but a V row only if some query head of the KV group keeps its
-   score. Each key chunk writes its online-softmax state over the kept scores and over
-   all scores; the merge (plain PyTorch, fused by torch.compile) applies SDC none / exact /
-   theta and keeps the row maximum when no score passes (merging in the kernel was slower:
-   BENCHMARKS.md session 8). VMC and post-softmax placement need every V row or the full
-   denominator first: those configs use sparsity.py's reference path. decode_attention is
+   score; theta for the step's visible-key count is read from the (H, N) table in the kernel.
+   Each key chunk writes its online-softmax state over the kept scores and over all scores;
+   a second small kernel (_theta_merge_kernel) merges them, applies SDC none / exact / theta
+   and keeps the row maximum when no score passes (merged by the chunk kernel's last program
+   instead, it was slower: BENCHMARKS.md session 8; with the compiled PyTorch merge it replaced,
+   chunks + merge took 22.7 us at 8k keys, 10% kept, vs 18.8 us now: session 10). VMC and post-softmax placement need every V row or
+   the full denominator first: those configs use sparsity.py's reference path. decode_attention is
    the same kernel with every score kept (dense decode attention; V rows loaded with K
    rows, chunks merged in the kernel by the program that finishes last).
 
@@ -562,15 +564,18 @@ if triton is not None:
             tl.store(dst + HALF + o, x2.to(VC.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _theta_attention_kernel(Q, K, V, THETA, LOHI, ACC, STATS, COUNT, OUT, B, Hkv, n_split, scale,
+    def _theta_attention_kernel(Q, K, V, THETA, LOHI, DENSE_ROW, ACC, STATS, COUNT, OUT, B, Hkv, n_split, scale,
+                                n_cols, dense_below,
                                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
                                 stride_vb, stride_vh, stride_vl, stride_ab, stride_ah, stride_as,
                                 stride_sb, stride_sh, stride_ss,
                                 REP: tl.constexpr, REP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                                 BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, DENSE: tl.constexpr,
                                 NORMALIZE: tl.constexpr, MERGE: tl.constexpr, SDC: tl.constexpr,
-                                REP_P2: tl.constexpr, MERGE_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                                REP_P2: tl.constexpr, MERGE_BLOCK: tl.constexpr, HAS_DENSE_ROW: tl.constexpr,
+                                PDL: tl.constexpr):
         """One program: one KV head (its REP query heads together) over one chunk of keys.
+        Top-Theta: THETA (H, n_cols) per head and visible-key count, see _theta_threshold.
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Writes the chunk's online-softmax state over kept scores
         (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
@@ -603,7 +608,7 @@ if triton is not None:
             q = q.to(tl.float32)
         theta = tl.full((REP_PAD,), float("-inf"), tl.float32)
         if not DENSE:
-            theta = tl.load(THETA + heads, mask=r_ok, other=float("inf"))
+            theta = _theta_threshold(THETA, heads, r_ok, hi - lo, n_cols, dense_below, DENSE_ROW, HAS_DENSE_ROW)
         m_k = tl.full((REP_PAD,), float("-inf"), tl.float32)
         l_k = tl.zeros((REP_PAD,), tl.float32)
         m_a = tl.full((REP_PAD,), float("-inf"), tl.float32)
@@ -690,6 +695,83 @@ if triton is not None:
                  mask=ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _theta_threshold(THETA, heads, ok, n, n_cols, dense_below, DENSE_ROW, HAS_DENSE_ROW: tl.constexpr):
+        """Top-Theta's threshold of each of these heads for a query row that sees n keys: column
+        min(n, n_cols) - 1 of THETA (H, n_cols), the table's last column beyond it; -inf (every
+        score kept) when the row sees at most dense_below keys or DENSE_ROW (one bool) is set."""
+        col = tl.minimum(tl.maximum(n - 1, 0), n_cols - 1)
+        theta = tl.load(THETA + heads * n_cols + col, mask=ok, other=float("inf"))
+        dense = n <= dense_below
+        if HAS_DENSE_ROW:
+            dense = dense | (tl.load(DENSE_ROW) != 0)
+        return tl.where(dense, float("-inf"), theta)
+
+    @triton.jit
+    def _theta_merge_kernel(ACC, STATS, THETA, LOHI, DENSE_ROW, V, OUT, H, REP, n_split, n_cols, dense_below,
+                            stride_ab, stride_ah, stride_as, stride_sb, stride_sh, stride_ss,
+                            stride_vb, stride_vh, stride_vl, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            CHUNKS: tl.constexpr, SDC: tl.constexpr, HAS_DENSE_ROW: tl.constexpr,
+                            PDL: tl.constexpr):
+        """Top-Theta's key chunks merged, one program per (sequence, query head, BLOCK_D slice of
+        the head dim): the chunks' states (acc, and m_k, l_k, m_a, l_a, dropped count, argmax)
+        weighted to the maximum M over every visible score, SDC applied (exact: the dense
+        denominator; theta: each dropped score counted as exp(theta - M)), and the V row of the
+        maximum when no score was kept. CHUNKS chunks' states and partial outputs per load, all
+        issued at once (one round trip to L2 when every chunk fits), online over the loads (the
+        running maximum, earlier sums rescaled to it). Writes OUT (B * H, D) in its dtype."""
+        _await_previous(PDL)
+        _launch_next(PDL)  # a small grid: the next kernel's programs may take the free slots now
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        st0 = STATS + b * stride_sb + h * stride_sh
+        M = float("-inf")  # running maximum over the visible scores
+        L_k = 0.0  # kept exp-mass, relative to M
+        l_a = 0.0  # every score's exp-mass, relative to M (SDC exact)
+        dropped = 0.0
+        best = 0  # chunk holding the maximum
+        out = tl.zeros((BLOCK_D,), tl.float32)
+        offs_c = tl.arange(0, CHUNKS)
+        for c0 in range(0, n_split, CHUNKS):
+            c = c0 + offs_c
+            c_ok = c < n_split
+            st = st0 + c * stride_ss
+            m_k = tl.load(st, mask=c_ok, other=float("-inf"))  # -inf: the chunk kept nothing
+            l_k = tl.load(st + 1, mask=c_ok, other=0.0)
+            m_a = tl.load(st + 2, mask=c_ok, other=float("-inf"))  # -inf: the chunk saw no key
+            a = tl.load(ACC + b * stride_ab + h * stride_ah + c[:, None] * stride_as + offs_d[None, :],
+                        mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            m_new = tl.maximum(M, tl.max(m_a, 0))
+            best = tl.where(tl.max(m_a, 0) > M, c0 + tl.argmax(m_a, 0), best)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key in the chunks so far
+            old = tl.exp(M - safe)
+            w = tl.exp(m_k - safe)
+            out = out * old + tl.sum(a * w[:, None], 0)
+            L_k = L_k * old + tl.sum(l_k * w, 0)
+            if SDC == 1:
+                l_a = l_a * old + tl.sum(tl.load(st + 3, mask=c_ok, other=0.0) * tl.exp(m_a - safe), 0)
+            if SDC == 2:
+                dropped += tl.sum(tl.load(st + 4, mask=c_ok, other=0.0), 0)
+            M = m_new
+        none = L_k == 0  # no score above theta: the row maximum alone is kept (weight exp(M - M) = 1)
+        kept = tl.where(none, 1.0, L_k)
+        if SDC == 1:
+            denom = l_a
+        elif SDC == 2:
+            theta = _theta_threshold(THETA, h, h < H, tl.load(LOHI + 1) - tl.load(LOHI), n_cols, dense_below,
+                                     DENSE_ROW, HAS_DENSE_ROW)
+            denom = kept + (dropped - none.to(tl.float32)) * tl.exp(theta - M)
+        else:
+            denom = kept
+        if none:
+            j = tl.load(st0 + best * stride_ss + 5).to(tl.int32)  # that chunk's argmax: a key index
+            out = tl.load(V + b * stride_vb + (h // REP) * stride_vh + j * stride_vl + offs_d, mask=d_ok,
+                          other=0.0).to(tl.float32)
+        tl.store(OUT + pid * D + offs_d, (out / denom).to(OUT.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
     def _merged_state(ACC, STATS, b, heads, h_ok, offs_d, d_ok, n_split, stride_ab, stride_ah, stride_as,
                       stride_sb, stride_sh, stride_ss, REP_P2: tl.constexpr, D_PAD: tl.constexpr,
                       MERGE_BLOCK: tl.constexpr):
@@ -736,11 +818,13 @@ GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4
 DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
 SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
-ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2)  # (decode|theta)_attention
-# decode_attention's key chunks, merged in-kernel merge_block per load; the keys it leaves out (block_l) come
-# from ATTN_TUNING. H100 session 8: 16 chunks per load and 2 programs per SM took 18.1 us at 8k keys, 51.9 at
-# 32k, vs 23.5 / 61.6 one chunk per load at 1 per SM; 2 warps (which spill ~100 B) as fast as 4.
-DENSE_ATTN_TUNING = dict(keys_per_program=128, programs_per_sm=2, merge_block=16, num_warps=2)
+# theta_attention; its merge: merge_chunks key chunks' states per load, merge_block_d of the head dim per program
+ATTN_TUNING = dict(block_l=32, keys_per_program=64, programs_per_sm=4, num_warps=2, merge_chunks=128,
+                   merge_block_d=32, merge_warps=4)
+# decode_attention's own (tuning Top-Theta leaves dense attention as it is): key chunks merged in-kernel,
+# merge_block per load. H100 session 8: 16 chunks per load and 2 programs per SM took 18.1 us at 8k keys,
+# 51.9 at 32k, vs 23.5 / 61.6 one chunk per load at 1 per SM; 2 warps (which spill ~100 B) as fast as 4.
+DENSE_ATTN_TUNING = dict(block_l=32, keys_per_program=128, programs_per_sm=2, merge_block=16, num_warps=2)
 
 
 def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None) -> dict:
@@ -779,12 +863,12 @@ def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool):
 
 
 def attention_tuning(dense: bool) -> dict:
-    """decode_attention's launch tuning (DENSE_ATTN_TUNING over ATTN_TUNING) or theta_attention's."""
-    return dict(ATTN_TUNING, **DENSE_ATTN_TUNING) if dense else ATTN_TUNING
+    """decode_attention's launch tuning (DENSE_ATTN_TUNING) or theta_attention's (ATTN_TUNING)."""
+    return DENSE_ATTN_TUNING if dense else ATTN_TUNING
 
 
 def attention_launch(B: int, H: int, Hkv: int, D: int, n_split: int, dtype, dense: bool, sdc: int):
-    """How theta_attention_partials launches _theta_attention_kernel: grid and constexprs +
+    """How kernels.attention launches _theta_attention_kernel: grid and constexprs +
     num_warps. Dense: the output from one chunk (NORMALIZE) or merged in-kernel (MERGE)."""
     tn = attention_tuning(dense)
     rep = H // Hkv
@@ -792,7 +876,17 @@ def attention_launch(B: int, H: int, Hkv: int, D: int, n_split: int, dtype, dens
         REP=rep, REP_PAD=max(16, triton.next_power_of_2(rep)), D=D, D_PAD=max(16, triton.next_power_of_2(D)),
         BLOCK_L=tn["block_l"], DOT_FP32=dtype == torch.float32 or INTERPRET, DENSE=dense,
         NORMALIZE=dense and n_split == 1, MERGE=dense and n_split > 1, SDC=sdc,
-        REP_P2=triton.next_power_of_2(rep), MERGE_BLOCK=tn.get("merge_block", 1), num_warps=tn["num_warps"])
+        REP_P2=triton.next_power_of_2(rep), MERGE_BLOCK=tn["merge_block"] if dense else 1, num_warps=tn["num_warps"])
+
+
+def theta_merge_launch(B: int, H: int, D: int, n_split: int):
+    """How kernels.attention launches _theta_merge_kernel: grid (sequence x head, head-dim
+    slices) and constexprs + num_warps (ATTN_TUNING's merge_*)."""
+    tn = ATTN_TUNING
+    block_d = min(tn["merge_block_d"], triton.next_power_of_2(D))
+    return (B * H, triton.cdiv(D, block_d)), dict(
+        D=D, BLOCK_D=block_d, CHUNKS=min(tn["merge_chunks"], triton.next_power_of_2(n_split)),
+        num_warps=tn["merge_warps"])
 
 
 def block_n_for(segments, cap=None) -> int:
@@ -987,16 +1081,17 @@ if triton is not None:
     def _(qkv, cos, sin, pos, k_cache, v_cache, n_heads):
         return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[3], dtype=k_cache.dtype)
 
-    @torch.library.custom_op("actsparse::theta_attention_partials", mutates_args=())
-    def theta_attention_partials(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor,
-                                 n_split: int, sdc: int) -> list[Tensor]:
-        """q: (B, H, D); k, v: (B, Hkv, L, D) with unit stride in D; theta: (H,) fp32, or None for
-        dense attention; lohi: int32, visible keys lo <= j < hi, then (dense, several splits)
-        B * Hkv zeroed counters (sparsity.visible_window). Dense: the output out (B, H, D) in q's
-        dtype, from one chunk or merged in-kernel (DENSE_ATTN_TUNING["merge_block"] chunks per
-        load). Top-Theta: the chunks' states, acc (B, H, splits, D) and stats (B, H, splits, 6)
-        fp32: per key chunk m_k, l_k, m_a, l_a, dropped count, argmax (l_a only for sdc 1, the
-        count only for sdc 2), for theta_attention's PyTorch merge."""
+    @torch.library.custom_op("actsparse::attention", mutates_args=())
+    def attention(q: Tensor, k: Tensor, v: Tensor, theta: Optional[Tensor], lohi: Tensor, n_split: int, sdc: int,
+                  dense_below: int, dense_row: Optional[Tensor]) -> Tensor:
+        """Decode attention, (B, H, D) in q's dtype. q: (B, H, D); k, v: (B, Hkv, L, D) with unit
+        stride in D; lohi: int32, visible keys lo <= j < hi, then (dense, several chunks) B * Hkv
+        zeroed counters (sparsity.visible_window). theta None: dense, the key chunks merged by
+        the kernel's last program per (sequence, KV head), DENSE_ATTN_TUNING["merge_block"]
+        chunks per load. Else Top-Theta: theta (H, n_cols) fp32 per head and visible-key count
+        (_theta_threshold; dense_below, dense_row: rows kept dense), the chunks' states acc
+        (B, H, splits, D) and stats (B, H, splits, 6) - per chunk m_k, l_k, m_a, l_a (sdc 1), dropped
+        count (sdc 2), argmax - merged by _theta_merge_kernel, a second launch."""
         B, H, D = q.shape
         Hkv = k.shape[1]
         dense = theta is None
@@ -1006,23 +1101,33 @@ if triton is not None:
         if merge and lohi.numel() < 2 + B * Hkv:
             raise ValueError(f"decode_attention: lohi has {lohi.numel()} entries; merging key chunks needs lo, hi "
                              f"and {B * Hkv} zeroed counters after them (sparsity.visible_window(mask, B * Hkv))")
-        acc = torch.empty(B, H, n_split, D, dtype=torch.float32, device=q.device)
-        stats = torch.empty(B, H, n_split, 6, dtype=torch.float32, device=q.device)
-        out = q.new_empty((B, H, D) if dense else (0,))
+        assert dense or (theta.dtype == torch.float32 and theta.dim() == 2 and theta.shape[0] == H
+                         and theta.is_contiguous()), "theta: (H, n_cols) fp32, contiguous"
+        out = q.new_empty(B, H, D)
+        rows = B if n_split > 1 or not dense else 0  # the chunks' states (one dense chunk: none)
+        acc = torch.empty(rows, H, n_split, D, dtype=torch.float32, device=q.device)
+        stats = torch.empty(rows, H, n_split, 6, dtype=torch.float32, device=q.device)
+        n_cols = 1 if dense else theta.shape[1]
+        flags = lohi if dense_row is None else dense_row
         grid, meta = attention_launch(B, H, Hkv, D, n_split, q.dtype, dense, sdc)
         _theta_attention_kernel[grid](
-            q, k, v, lohi if dense else theta, lohi, acc, stats, lohi[2:] if merge else lohi, out if dense else acc,
-            B, Hkv, n_split, 1.0 / math.sqrt(D),
+            q, k, v, lohi if dense else theta, lohi, flags, acc, stats, lohi[2:] if merge else lohi, out,
+            B, Hkv, n_split, 1.0 / math.sqrt(D), n_cols, dense_below,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
-            **pdl_args(q), **meta)
-        return [acc, stats, out]
+            HAS_DENSE_ROW=dense_row is not None, **pdl_args(q), **meta)
+        if not dense:
+            grid, meta = theta_merge_launch(B, H, D, n_split)
+            _theta_merge_kernel[grid](
+                acc, stats, theta, lohi, flags, v, out, H, H // Hkv, n_split, n_cols, dense_below,
+                acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), SDC=sdc, HAS_DENSE_ROW=dense_row is not None,
+                **pdl_args(q), **meta)
+        return out
 
-    @theta_attention_partials.register_fake
-    def _(q, k, v, theta, lohi, n_split, sdc):
-        B, H, D = q.shape
-        return [q.new_empty(B, H, n_split, D, dtype=torch.float32), q.new_empty(B, H, n_split, 6, dtype=torch.float32),
-                q.new_empty((B, H, D) if theta is None else (0,))]
+    @attention.register_fake
+    def _(q, k, v, theta, lohi, n_split, sdc, dense_below, dense_row):
+        return torch.empty_like(q)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
@@ -1032,39 +1137,19 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lohi: Tensor) -> Tensor:
     counters, see sparsity.visible_window). q: (B, H, D); k, v: (B, Hkv, L, D).
     Returns (B, H, D) in q's dtype."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device, dense=True)
-    return theta_attention_partials(q, k, v, None, lohi, n_split, 0)[2]
+    return attention(q, k, v, None, lohi, n_split, 0, 0, None)
 
 
-def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int) -> Tensor:
+def theta_attention(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, lohi: Tensor, sdc: int, dense_below: int = 0,
+                    dense_row: Optional[Tensor] = None) -> Tensor:
     """Top-Theta decode attention, same contract as theta_attention_ref (lo/hi as a tensor),
-    returned in q's dtype. The kernel writes each key chunk's state; the chunks are merged here
-    in plain PyTorch (torch.compile fuses it). Merged by the kernel's last program instead (as
-    decode_attention), it was 1-6 us slower per layer on an H100 (BENCHMARKS.md session 8)."""
+    returned in q's dtype. theta: (H,), or (H, N) per visible-key count n = 1..N (the column
+    for the step's hi - lo picked in the kernels, the last beyond N); a row seeing at most
+    dense_below keys, or with dense_row (one bool) set, keeps every score. Two launches: the
+    key chunks' states, then their merge (_theta_merge_kernel)."""
     n_split = attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device)
-    acc, st, _ = theta_attention_partials(q, k, v, theta, lohi, n_split, sdc)
-    m_k, l_k, m_a, l_a, n_drop, arg = st.unbind(-1)
-    M = m_a.amax(-1, keepdim=True)  # the row maximum over every visible score
-    w = torch.exp(m_k - M)  # chunks with nothing kept: m_k = -inf -> 0
-    L_k = (l_k * w).sum(-1)  # (B, H)
-    out = (acc * w[..., None]).sum(-2)  # (B, H, D)
-    # No score above theta: the row maximum alone is kept (weight exp(M - M) = 1).
-    none = L_k == 0
-    best = torch.gather(arg, -1, m_a.argmax(-1, keepdim=True)).long()  # (B, H, 1) key index
-    B, H, D = q.shape
-    Hkv, L = v.shape[1], v.shape[2]
-    row = torch.arange(H, device=q.device)[None, :, None] // (H // Hkv) * L + best  # row of (B, Hkv * L, D)
-    v_best = torch.gather(v.reshape(B, Hkv * L, D), 1, row.view(B, H, 1).expand(B, H, D)).float()
-    out = torch.where(none[..., None], v_best, out)
-    L_k = torch.where(none, 1.0, L_k)
-    M = M.squeeze(-1)
-    if sdc == 1:
-        denom = (l_a * torch.exp(m_a - M[..., None])).sum(-1)
-    elif sdc == 2:
-        dropped = n_drop.sum(-1) - none.float()
-        denom = L_k + dropped * torch.exp(theta[None, :] - M)
-    else:
-        denom = L_k
-    return (out / denom[..., None]).to(q.dtype)
+    table = theta.float().reshape(theta.shape[0], -1).contiguous()
+    return attention(q, k, v, table, lohi, n_split, sdc, dense_below, dense_row)
 
 
 # ----------------------------------------------------------------------------- layout

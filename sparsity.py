@@ -422,15 +422,11 @@ def _kernel_attention(q, k, v, lohi, sc: Optional[AttentionScores] = None, dense
     K row but only the V rows whose score some head of the KV group keeps."""
     if sc is None:
         return kernels.decode_attention(q[:, :, 0], k, v, lohi)[:, :, None]  # in q's dtype
-    table = sc.thresholds  # (H, N): theta per head and visible length n
-    n = lohi[1] - lohi[0]
-    theta = table.index_select(1, (n - 1).clamp(max=table.shape[1] - 1).view(1)).squeeze(1)
-    dense = n <= sc.k
-    if dense_rows is not None:
-        dense = dense | dense_rows[0]
-    theta = torch.where(dense, -math.inf, theta).float()
-    y = kernels.theta_attention(q[:, :, 0], k, v, theta, lohi, kernels.SDC_MODES[sc.sdc])
-    return y.to(q.dtype)[:, :, None]
+    # The kernels pick theta for the step's visible length n from the (H, N) table; rows that see
+    # n <= k keys, or that the token policy keeps dense, keep every score.
+    y = kernels.theta_attention(q[:, :, 0], k, v, sc.thresholds, lohi, kernels.SDC_MODES[sc.sdc], sc.k,
+                                None if dense_rows is None else dense_rows[:1])
+    return y[:, :, None]
 
 
 def _collect_kth(scores, n, sc: AttentionScores):
@@ -603,6 +599,8 @@ def prepare_kernels(layer, c, force=False):
         if attn.scores is not None:  # the kernel has no post-softmax placement and no V-mean (VMC reads all V)
             sc = attn.scores
             sc.kernel = sc.method == "top-theta" and sc.placement == "pre" and not sc.vmc
+            if sc.kernel:  # the kernels read the (H, N) table as it is
+                sc.thresholds = sc.thresholds.float().contiguous()
         if attn.qkv is not None:
             attn.qkv_kernel = _merged_site(attn.qkv, attn.sizes, layer.attention.wqkv.weight.device)
             kernels.make_input_major(layer.attention.wqkv)

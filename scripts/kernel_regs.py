@@ -95,15 +95,20 @@ def sparse_gemv_cases():
 
 
 def attention_cases(L=8192):
-    """decode_attention (dense, chunks merged in-kernel) and theta_attention (the chunks' states), at L keys."""
+    """decode_attention (dense, chunks merged in-kernel) and theta_attention (the chunks' states, their merge)."""
     for dense in (True, False):
         tn = kernels.attention_tuning(dense)
         n_split = kernels.attention_splits(1, 8, L, None, dense=dense)
         grid, meta = kernels.attention_launch(1, 32, 8, 128, n_split, torch.bfloat16, dense, 0)
         label = f"decode_attention, merge_block {tn['merge_block']}" if dense else "theta_attention"
         yield (f"{label}, block_l {tn['block_l']}, {L} keys", kernels._theta_attention_kernel,
-               dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, ACC=F32, STATS=F32, COUNT=I32, OUT=BF16),
-               grid, meta)
+               dict(Q=BF16, K=BF16, V=BF16, THETA=F32, LOHI=I32, DENSE_ROW=I32, ACC=F32, STATS=F32, COUNT=I32,
+                    OUT=BF16), grid, dict(meta, HAS_DENSE_ROW=False))
+    n_split = kernels.attention_splits(1, 8, L, None)
+    grid, meta = kernels.theta_merge_launch(1, 32, 128, n_split)
+    yield (f"theta_attention's merge, {n_split} chunks, {meta['CHUNKS']} per load", kernels._theta_merge_kernel,
+           dict(ACC=F32, STATS=F32, THETA=F32, LOHI=I32, DENSE_ROW=I32, V=BF16, OUT=BF16), grid,
+           dict(meta, SDC=2, HAS_DENSE_ROW=False))
 
 
 def gemv_cases():

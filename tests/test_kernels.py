@@ -447,16 +447,19 @@ def test_pdl_decode_equals_serial_launches(method, monkeypatch):
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 4, 2, 16), (2, 3, 3, 24)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("sdc", [0, 1, 2])
-@pytest.mark.parametrize("chunks", ["several", "one"])
+@pytest.mark.parametrize("chunks", ["several", "one", "wide"])
 def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc, chunks, monkeypatch):
     """Top-Theta decode attention: odd head dim, GQA and plain, a visible window lo..hi that
     is not a multiple of the key block, thresholds that keep everything and nothing; the
-    cache split into several key chunks or one, their states merged in PyTorch."""
-    if chunks == "one":
-        monkeypatch.setitem(kernels.ATTN_TUNING, "keys_per_program", 1000)
+    cache split into several key chunks of several 32-key blocks, into one chunk, or into
+    chunks of one or two 128-key blocks ("wide"); the chunks' states merged by the merge kernel,
+    with several chunks 2 per load and the head dim in slices of 8."""
+    tuning = dict(several=dict(block_l=32, keys_per_program=64, merge_chunks=2, merge_block_d=8),  # merged 2 per load
+                  one=dict(block_l=32, keys_per_program=1000), wide=dict(block_l=128, keys_per_program=128))[chunks]
+    monkeypatch.setattr(kernels, "ATTN_TUNING", dict(kernels.ATTN_TUNING, **tuning))
     L, lo, hi = 300, 7, 290
     n_split = kernels.attention_splits(B, Hkv, L, torch.device(DEVICE))
-    assert (n_split == 1) == (chunks == "one") and (B > 1 or n_split in (1, 5))
+    assert (n_split == 1) == (chunks == "one") and (B > 1 or n_split in (1, 5, 3))
     q = torch.randn(B, H, D, device=DEVICE).to(dtype)
     k = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
     v = torch.randn(B, Hkv, L, D, device=DEVICE).to(dtype)
@@ -471,6 +474,28 @@ def test_theta_attention(dtype, B, H, Hkv, D, sparsity, sdc, chunks, monkeypatch
         assert rel_err(y[:, h], ref[:, h]) < TOL[dtype], h
 
 
+@pytest.mark.parametrize("sdc", [0, 2])
+def test_theta_attention_picks_the_threshold_column(sdc):
+    """With an (H, N) table the kernels use column min(n, N) - 1 for a row seeing n = hi - lo keys
+    (the last column beyond the table), and every score when n <= dense_below or dense_row is set."""
+    B, H, Hkv, D, L = 1, 4, 2, 16, 200
+    q = torch.randn(B, H, D, device=DEVICE)
+    k = torch.randn(B, Hkv, L, D, device=DEVICE)
+    v = torch.randn(B, Hkv, L, D, device=DEVICE)
+    # odd columns drop most scores, even ones keep nearly all: a wrong column changes the result
+    table = torch.where(torch.arange(50, device=DEVICE) % 2 == 1, 0.8, -3.0) + 0.1 * torch.randn(H, 50, device=DEVICE)
+    for lo, hi, dense_below, dense_row, col in ((3, 33, 0, None, 29), (0, 180, 0, None, 49), (5, 40, 35, None, None),
+                                                (5, 40, 34, False, 34), (5, 40, 0, True, None)):
+        theta = torch.full((H,), -float("inf"), device=DEVICE) if col is None else table[:, col]
+        ref = kernels.theta_attention_ref(q, k, v, theta, lo, hi, sdc)
+        lohi = torch.tensor([lo, hi], dtype=torch.int32, device=DEVICE)
+        row = None if dense_row is None else torch.tensor([dense_row], device=DEVICE)
+        y = kernels.theta_attention(q, k, v, table, lohi, sdc, dense_below, row)
+        assert rel_err(y, ref) < TOL[torch.float32], (lo, hi, dense_below, dense_row)
+        other = kernels.theta_attention_ref(q, k, v, table[:, (col or 0) - 1], lo, hi, sdc)
+        assert rel_err(y, other) > 1e-2  # a neighbouring column (or any column, for dense) gives another result
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("keys_per_program", [1000, 64, 16])  # one chunk (normalised in the kernel) / merged
 @pytest.mark.parametrize("merge_block", [1, 4])
@@ -479,8 +504,8 @@ def test_decode_attention(dtype, keys_per_program, merge_block, monkeypatch):
     with several chunks merged in-kernel (the last program of each KV head, one or 4 chunks
     per load), also when most chunks see no key, and called again (the merge counters are
     left at zero)."""
-    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(keys_per_program=keys_per_program, programs_per_sm=64,
-                                                           merge_block=merge_block))
+    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(kernels.DENSE_ATTN_TUNING, programs_per_sm=64,
+                                                           keys_per_program=keys_per_program, merge_block=merge_block))
     B, H, Hkv, D, L = 2, 6, 2, 24, 300
     assert kernels.attention_splits(B, Hkv, L, torch.device(DEVICE), dense=True) == -(-L // keys_per_program)
     for lo, hi in ((5, 201), (290, 293), (0, 1)):
@@ -508,12 +533,13 @@ def test_decode_attention(dtype, keys_per_program, merge_block, monkeypatch):
 def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
     """A decode step of a Top-Theta model (GQA, sliding window) through the kernel equals the
     reference thresholded_attention, and the thresholds really drop scores; with no config
-    ("dense") the kernel's decode attention equals SDPA's. Several key chunks: merged in PyTorch
-    (Top-Theta) or in the kernel, two per load (dense; the model's window tensor has the counters)."""
+    ("dense") the kernel's decode attention equals SDPA's. Several key chunks: merged by the merge
+    kernel (Top-Theta) or in the kernel, two per load (dense; the model's window tensor has the counters)."""
     import calibrate as cal
     import sparsity as sp
     monkeypatch.setitem(kernels.ATTN_TUNING, "keys_per_program", 8)
-    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(keys_per_program=8, programs_per_sm=64, merge_block=2))
+    monkeypatch.setattr(kernels, "DENSE_ATTN_TUNING", dict(kernels.DENSE_ATTN_TUNING, keys_per_program=8,
+                                                           programs_per_sm=64, merge_block=2))
     cfg_m, model = tiny_model(std=0.3, sliding_window=24)
     if sdc != "dense":
         cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), attention="top-theta", k=4,
@@ -551,4 +577,4 @@ def test_kernels_compile_for_sm90():
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "warps:" in line]
-    assert len(lines) == 3 + 8 + 2 and all("registers" in line and "waves" in line for line in lines), out.stdout
+    assert len(lines) == 3 + 8 + 3 and all("registers" in line and "waves" in line for line in lines), out.stdout
