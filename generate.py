@@ -29,10 +29,24 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------- sampling
+def argmax_last(x, chunk: int = 1024):
+    """torch.argmax(x, -1, keepdim=True) (the first index of the maximum) in two steps: within
+    each chunk of `chunk` entries, then over the chunks. Compiled, an argmax over one row of a
+    128k vocabulary is one program's loop: 20-30 us per decode step on an H100 (BENCHMARKS.md
+    session 10); the chunks are a grid."""
+    n = x.shape[-1]
+    if n <= chunk:
+        return torch.argmax(x, dim=-1, keepdim=True)
+    xc = torch.nn.functional.pad(x, (0, -n % chunk), value=-float("inf")).unflatten(-1, (-1, chunk))  # (..., chunks, chunk)
+    i = torch.argmax(xc, dim=-1, keepdim=True)
+    j = torch.argmax(xc.gather(-1, i).squeeze(-1), dim=-1, keepdim=True)  # the first chunk holding the maximum
+    return j * chunk + i.squeeze(-1).gather(-1, j)
+
+
 def multinomial_sample_one_no_sync(probs):
     # Exponential-race sampling: argmax(p / Exp(1)) is a draw from p, with no host sync.
     q = torch.empty_like(probs).exponential_(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+    return argmax_last(probs / q).to(dtype=torch.int)
 
 
 def logits_to_probs(logits, temperature: float = 1.0, top_k=None):
@@ -47,7 +61,7 @@ def sample(logits, temperature: float = 0.0, top_k=None):
     """logits: (B, S, V) -> next token (B, 1) from the last position. temperature 0 = greedy."""
     last = logits[:, -1].float()
     if temperature <= 0:
-        return torch.argmax(last, dim=-1, keepdim=True).to(torch.int)
+        return argmax_last(last).to(torch.int)
     return multinomial_sample_one_no_sync(logits_to_probs(last, temperature, top_k))
 
 

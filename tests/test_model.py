@@ -86,3 +86,22 @@ def test_bf16_and_fp16_run_close_to_fp32(pair):
             low = ours.to(dtype)(ids).float()
             assert rel_err(low, ref) < 5e-2
     ours.to(torch.float32)
+
+
+def test_argmax_last_equals_torch_argmax():
+    """generate.argmax_last (per chunk, then over the chunks) gives torch.argmax's index - the first
+    maximum - for rows shorter and longer than a chunk, not a multiple of it, with ties within
+    and across chunks and -inf entries, eager and compiled."""
+    import generate
+    torch.manual_seed(0)
+    for shape in ((1, 211), (3, 5000), (2, 1, 4096), (1, 128256)):
+        x = torch.randn(shape)
+        x[..., shape[-1] // 3] = x[..., -1] = 10.0  # ties: the first one wins
+        x[0, ..., :50] = -float("inf")
+        for fn in (generate.argmax_last, torch.compile(generate.argmax_last, fullgraph=True)):
+            for c in (64, 1024):
+                got = fn(x, chunk=c)
+                assert torch.equal(got, torch.argmax(x, dim=-1, keepdim=True)), (shape, c)
+    y = torch.zeros(2, 3000)
+    y[1, 2999] = 1.0
+    assert generate.argmax_last(y, 1024).view(-1).tolist() == [0, 2999]  # all equal: index 0
