@@ -37,8 +37,8 @@ def argmax_last(x, chunk: int = 1024):
     n = x.shape[-1]
     if n <= chunk:
         return torch.argmax(x, dim=-1, keepdim=True)
-    xc = torch.nn.functional.pad(x, (0, -n % chunk), value=-float("inf")).unflatten(-1, (-1, chunk))  # (..., chunks, chunk)
-    i = torch.argmax(xc, dim=-1, keepdim=True)
+    xc = torch.nn.functional.pad(x, (0, -n % chunk), value=-float("inf")).unflatten(-1, (-1, chunk))
+    i = torch.argmax(xc, dim=-1, keepdim=True)  # xc: (..., chunks, chunk)
     j = torch.argmax(xc.gather(-1, i).squeeze(-1), dim=-1, keepdim=True)  # the first chunk holding the maximum
     return j * chunk + i.squeeze(-1).gather(-1, j)
 

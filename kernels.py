@@ -50,12 +50,13 @@ captures them in the CUDA graph with no graph break.
    score; theta for the step's visible-key count is read from the (H, N) table in the kernel.
    Each key chunk writes its online-softmax state over the kept scores and over all scores;
    a second small kernel (_theta_merge_kernel) merges them, applies SDC none / exact / theta
-   and keeps the row maximum when no score passes (merged by the chunk kernel's last program
-   instead, it was slower: BENCHMARKS.md session 8; with the compiled PyTorch merge it replaced,
-   chunks + merge took 22.7 us at 8k keys, 10% kept, vs 18.8 us now: session 10). VMC and post-softmax placement need every V row or
-   the full denominator first: those configs use sparsity.py's reference path. decode_attention is
-   the same kernel with every score kept (dense decode attention; V rows loaded with K
-   rows, chunks merged in the kernel by the program that finishes last).
+   and keeps the row maximum when no score passes. Merged by the chunk kernel's last program
+   instead, it was slower (BENCHMARKS.md session 8); with the compiled PyTorch merge this
+   kernel replaced, chunks + merge took 22.7 us at 8k keys, 10% kept, vs 18.8 us (session 10).
+   VMC and post-softmax placement need every V row or the full denominator first: those
+   configs use sparsity.py's reference path. decode_attention is the same kernel with every
+   score kept (dense decode attention; V rows loaded with K rows, chunks merged in the kernel
+   by the program that finishes last).
 
 4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
    small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
