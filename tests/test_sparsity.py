@@ -272,6 +272,14 @@ def test_top_k_attention_keeps_k_per_row():
     n = torch.arange(1, 13)
     expect_drop = 4 * int((n[n > 3] - 3).sum())
     assert stats["scores"] == [expect_drop, 4 * int(n[n > 3].sum())]
+    # V rows: a key is read when either head of its KV group keeps it (heads 2g, 2g + 1)
+    a = q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    skipped = total = 0
+    for s in range(3, 12):  # rows that see n = s + 1 > k keys
+        for g in range(2):
+            read = {int(j) for h in (2 * g, 2 * g + 1) for j in a[0, h, s, :s + 1].topk(3).indices}
+            skipped, total = skipped + s + 1 - len(read), total + s + 1
+    assert stats["v_rows"] == [skipped, total] and 0 < skipped < expect_drop / 2
 
 
 def test_top_theta_calibration_and_composition(tiny, tiny_batches):
