@@ -1110,20 +1110,21 @@ if triton is not None:
         stats = torch.empty(rows, H, n_split, 6, dtype=torch.float32, device=q.device)
         n_cols = 1 if dense else theta.shape[1]
         flags = lohi if dense_row is None else dense_row
+        pdl = pdl_args(q)
         grid, meta = attention_launch(B, H, Hkv, D, n_split, q.dtype, dense, sdc)
         _theta_attention_kernel[grid](
             q, k, v, lohi if dense else theta, lohi, flags, acc, stats, lohi[2:] if merge else lohi, out,
             B, Hkv, n_split, 1.0 / math.sqrt(D), n_cols, dense_below,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
-            HAS_DENSE_ROW=dense_row is not None, **pdl_args(q), **meta)
+            HAS_DENSE_ROW=dense_row is not None, **pdl, **meta)
         if not dense:
             grid, meta = theta_merge_launch(B, H, D, n_split)
             _theta_merge_kernel[grid](
                 acc, stats, theta, lohi, flags, v, out, H, H // Hkv, n_split, n_cols, dense_below,
                 acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(0), stats.stride(1), stats.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), SDC=sdc, HAS_DENSE_ROW=dense_row is not None,
-                **pdl_args(q), **meta)
+                **pdl, **meta)
         return out
 
     @attention.register_fake

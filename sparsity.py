@@ -375,16 +375,14 @@ def thresholded_attention(q, k, v, mask, sc: AttentionScores, stats=None, dense_
     keep = keep | (dense_row[..., None] & mask)
     if stats is not None:
         sparse = ~dense_row
-        entry = stats.setdefault("scores", [0, 0])
-        entry[0] += int(((~keep) & mask)[sparse].sum())
-        entry[1] += int(mask.expand(B, H, S, L)[sparse].sum())
-        # V rows a decode kernel skips: a key's row is read if any query head of its KV group keeps it
-        group_keep = keep.view(B, Hkv, rep, S, L).any(2)
-        visible = mask.expand(B, Hkv, S, L)
-        group_sparse = sparse[:, ::rep]  # the same for every head of a group
-        entry = stats.setdefault("v_rows", [0, 0])
-        entry[0] += int(((~group_keep) & visible)[group_sparse].sum())
-        entry[1] += int(visible[group_sparse].sum())
+        # scores per head; V rows a decode kernel skips: a key's row is read if any query head of its
+        # KV group keeps it (a group's heads share their rows' dense flag: its first head's)
+        for name, kept, heads, rows in (("scores", keep, H, sparse),
+                                        ("v_rows", keep.view(B, Hkv, rep, S, L).any(2), Hkv, sparse[:, ::rep])):
+            visible = mask.expand(B, heads, S, L)
+            entry = stats.setdefault(name, [0, 0])
+            entry[0] += int(((~kept) & visible)[rows].sum())
+            entry[1] += int(visible[rows].sum())
     row_max = a.amax(-1, keepdim=True)
     e = torch.exp(a - row_max)  # masked -> 0
     if sc.placement == "pre":

@@ -366,19 +366,19 @@ def bench_dense_attention(lengths=(145, 1089, 8256, 32768)):
         ks, vs, q, lohi, t_sdpa = _attention_case(L, B, Hkv=Hkv)
         n_buf = len(ks)
         line = f"dense attention L={L:>5}: masked SDPA {t_sdpa * 1e6:6.1f} us; kernel by ({', '.join(axes)}):"
-        for i, tn in enumerate(cands):
+        for c, tn in enumerate(cands):
             kernels.DENSE_ATTN_TUNING.update(tn)
             torch._dynamo.reset()
             attend = torch.compile(kernels.decode_attention, fullgraph=True)
             sec = graph_time(lambda i: attend(q[:, :, 0], ks[i % n_buf], vs[i % n_buf], lohi))
-            times[L, i] = sec
+            times[L, c] = sec
             splits = kernels.attention_splits(B, Hkv, L, q.device, dense=True)
             rows.append(dict(L=L, **tn, splits=splits, us=sec * 1e6, us_sdpa_mask=t_sdpa * 1e6))
             line += f" ({','.join(str(tn[a]) for a in axes)}): {sec * 1e6:.1f} [{splits}]"
         print(line, flush=True)
         ks = vs = None
         torch.cuda.empty_cache()
-    score = [sum(times[L, i] / min(times[L, j] for j in range(len(cands))) for L in lengths) for i in range(len(cands))]
+    score = [sum(times[L, c] / min(times[L, j] for j in range(len(cands))) for L in lengths) for c in range(len(cands))]
     best = min(range(len(cands)), key=score.__getitem__)
     kernels.DENSE_ATTN_TUNING.update(cands[best])
     print(f"best dense decode attention tuning: {cands[best]} (sum of time / best time per length "

@@ -58,9 +58,9 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
                     attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     ptx = k.asm["ptx"]
-    # The ptxas Triton itself uses (TRITON_PTXAS_PATH or the wheel's), whose version the PTX follows. The
-    # wheel's own binary exited 255 under pytest on the GPU machine (session 9) and passed there by hand;
-    # another configured ptxas is the suspect, not verified. ptxas's message now comes with a failure.
+    # The ptxas Triton itself uses (TRITON_PTXAS_PATH or the wheel's), whose version the PTX follows: with
+    # the wheel's binary hard-coded, this exited 255 under pytest on the GPU machine (session 9); with
+    # Triton's own, the test passed there (session 10). ptxas's message comes with a failure.
     ptxas = get_ptxas(90).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
