@@ -18,11 +18,11 @@ captures them in the CUDA graph with no graph break.
    modes are per output column (N,), constant within each BLOCK_N block, so one launch
    serves fused q/k/v with three thresholds. Split K: each K chunk writes an fp32 partial
    sum and the caller adds them in plain PyTorch, which torch.compile fuses into the next
-   op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1: each program walks its
-   K chunk in small tiles into a 2-D fp32 accumulator (one reduction at the end) and loads
-   the next tile's x before the current tile's weights, so the x -> mask -> weight-load
-   chain does not serialise. Batch 2..8: tl.dot on 16 padded rows; a weight row is read if
-   any row of the batch needs it.
+   op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1: sparse_gemv's kernel (1b)
+   without its prologue and epilogue: each program walks its K chunk in small tiles into a 2-D
+   fp32 accumulator (one reduction at the end) and loads the next tile's x before the current
+   tile's weights, so the x -> mask -> weight-load chain does not serialise. Batch 2..8: tl.dot
+   on 16 padded rows; a weight row is read if any row of the batch needs it.
 
 1b. sparse_gemv: the batch-1 decode form of input_sparse_gemv with everything around it fused,
    so that a sparse decode step has as few kernels as a dense one (6 per layer): the RMSNorm
@@ -268,36 +268,6 @@ if triton is not None:
         tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _input_sparse_gemv_b1_kernel(X, WT, T, M, Y, K, N, k_per_prog, stride_wk, stride_ys,
-                                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr):
-        """Batch 1: one BLOCK_N block of outputs over one K chunk, walked in BLOCK_K tiles. The
-        next tile's x is loaded before this tile's weights, so the weight load waits only on
-        an x already in registers; products go to a 2-D accumulator (no per-tile reduction)."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        t = tl.load(T + pid_n * BLOCK_N)  # uniform within the block (see the batched kernel)
-        m = 0.0
-        if HAS_MODE:
-            m = tl.load(M + pid_n * BLOCK_N)
-        k0 = pid_k * k_per_prog
-        k_end = tl.minimum(k0 + k_per_prog, K)
-        offs = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
-        x = tl.load(X + k0 + offs, mask=k0 + offs < k_end, other=0.0).to(tl.float32) - m
-        for kk in range(k0, k_end, BLOCK_K):
-            offs_k = kk + offs
-            keep = (tl.abs(x) > t) & (offs_k < k_end)
-            w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :],
-                        other=0.0)
-            nxt = offs_k + BLOCK_K
-            x_next = tl.load(X + nxt, mask=nxt < k_end, other=0.0).to(tl.float32) - m
-            acc += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
-            x = x_next
-        tl.store(Y + pid_k * stride_ys + offs_n, tl.sum(acc, 0), mask=n_ok)
-
-    @triton.jit
     def _sparse_x(X, G, offs_k, k_ok, inv_rms, NORM: tl.constexpr):
         """A tile of the GEMV's input in fp32: x, or RMSNorm(x) * G given 1/rms."""
         x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -356,12 +326,14 @@ if triton is not None:
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
         NORM: the input is RMSNorm(x) * G; each program first sums x^2 over all of x (K_PAD
         elements in one load, from L2), so the threshold applies to the normalised value.
-        Then as _input_sparse_gemv_b1_kernel: a weight row is loaded only if its channel passes
-        |x' - m| > t (t, m uniform within the block); COMPACT: over the list of kept channels
-        (_kept_channels), not every tile. MERGE (several K chunks): each program
-        stores its partial sums in P; the program that finishes its column block last (an
+        Then the chunk in BLOCK_K tiles: a weight row is loaded only if its channel passes
+        |x' - m| > t (t, m uniform within the block), the next tile's x loaded before this tile's
+        products, which go to a 2-D fp32 accumulator (one reduction at the end); COMPACT: over the
+        list of kept channels (_kept_channels), not every tile. MERGE (several K chunks): each
+        program stores its partial sums in P; the program that finishes its column block last (an
         atomic counter per block, reset by it afterwards) sums them and runs the epilogue
-        (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel."""
+        (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel.
+        Several chunks without MERGE (input_sparse_gemv's batch 1): chunk k's sums in row k of Y."""
         _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -440,8 +412,8 @@ if triton is not None:
                     y2 = tl.sum(tl.load(p_rows + col2, mask=p_ok, other=0.0, cache_modifier=".cg"), 0)
                 _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
                 tl.store(COUNT + pid_n, 0)
-        else:
-            _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
+        else:  # one chunk; or, for input_sparse_gemv (no epilogue), each chunk's partial sums in its row of Y
+            _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y + pid_k * stride_p, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
 
     @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
@@ -916,10 +888,13 @@ if triton is not None:
         y = torch.empty(split, B, N, dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(N, block_n), split)
         m_ = m if m is not None else t
-        if B == 1:
-            _input_sparse_gemv_b1_kernel[grid](x, wt, t, m_, y, K, N, cfg["K_PER_PROG"], wt.stride(0), y.stride(0),
-                                               BLOCK_K=cfg["BLOCK_K"], BLOCK_N=block_n, HAS_MODE=m is not None,
-                                               num_warps=cfg["num_warps"])
+        if B == 1:  # the fused kernel's masked walk with no prologue or epilogue, the chunks' sums left unmerged
+            _, k_per_prog, meta = sparse_gemv_launch(K, N, block_n, x.device, False, m is not None, False, False,
+                                                     False, False)
+            unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y)  # no norm, shift, residual, merge or list
+            _sparse_gemv_kernel[grid](X=x, WT=wt, T=t, M=m_, Y=y, K=K, N_OUT=N, col2=N, k_per_prog=k_per_prog,
+                                      split=split, stride_wk=wt.stride(0), stride_p=y.stride(0), eps=0.0, **unused,
+                                      **dict(meta, MERGE=False), **pdl_args(x))
         else:
             _input_sparse_gemv_kernel[grid](x, wt, t, m_, y, B, K, N, x.stride(0), wt.stride(0), y.stride(0),
                                             y.stride(1), B_PAD=16, HAS_MODE=m is not None,
