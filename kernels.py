@@ -418,7 +418,9 @@ if triton is not None:
     @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
                                   K_PER_PROG: tl.constexpr, B_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, DOT_FP32: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, HAS_MODE: tl.constexpr, DOT_FP32: tl.constexpr,
+                                  PDL: tl.constexpr):
+        _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -447,6 +449,7 @@ if triton is not None:
                 acc += tl.dot(xs, w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(xs.to(w.dtype), w)
+        _launch_next(PDL)
         # One partial sum per K chunk (no atomics, no zero-filled output); the caller sums them,
         # which torch.compile fuses into the next op.
         tl.store(Y + pid_k * stride_ys + offs_b[:, None] * stride_yb + offs_n[None, :], acc,
@@ -898,7 +901,7 @@ if triton is not None:
         else:
             _input_sparse_gemv_kernel[grid](x, wt, t, m_, y, B, K, N, x.stride(0), wt.stride(0), y.stride(0),
                                             y.stride(1), B_PAD=16, HAS_MODE=m is not None,
-                                            DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg)
+                                            DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg, **pdl_args(x))
         return y
 
     @input_sparse_gemv_partials.register_fake

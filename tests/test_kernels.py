@@ -411,12 +411,13 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs an sm_90+ GPU (on CPU, kernel_regs compiles it)")
-@pytest.mark.parametrize("method", [None, "teal", "top-theta"])
-def test_pdl_decode_equals_serial_launches(method, monkeypatch):
+@pytest.mark.parametrize("method,batch", [(None, 1), ("teal", 1), ("top-theta", 1), ("teal", 4), ("cats", 4)])
+def test_pdl_decode_equals_serial_launches(method, batch, monkeypatch):
     """The compiled decode step (reduce-overhead: CUDA graphs) with every kernel launched by
     programmatic dependent launch gives the logits of serial launches bit for bit: no kernel
     reads or writes before it waits for the previous one (_await_previous). Real head sizes,
-    a cache long enough for several key chunks merged in-kernel, grids of several waves."""
+    a cache long enough for several key chunks merged in-kernel, grids of several waves;
+    batch 4: the batch kernels (input_sparse_gemv's tl.dot form, gated_rows) between compiled ops."""
     import calibrate as cal
     import sparsity as sp
     from model import ModelArgs, random_model
@@ -427,16 +428,16 @@ def test_pdl_decode_equals_serial_launches(method, monkeypatch):
     if method:
         kw = dict(attention="top-theta", k=64) if method == "top-theta" else dict(method=method, sparsity=0.5)
         sp.apply(model, cal.calibrate(model, torch.randint(0, 512, (1, 256), device="cuda"), progress=False, **kw))
-    prompt = torch.randint(0, 512, (1, ctx), device="cuda")
+    prompt = torch.randint(0, 512, (batch, ctx), device="cuda")
 
     def decode(pdl):
         monkeypatch.setattr(kernels, "PDL", pdl)
         torch._dynamo.reset()
-        model.setup_caches(max_batch_size=1, max_seq_len=ctx + len(tokens))
+        model.setup_caches(max_batch_size=batch, max_seq_len=ctx + len(tokens))
         with torch.no_grad():
             model(prompt, torch.arange(ctx, device="cuda"))
             step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-            return torch.stack([step(t.view(1, 1), torch.tensor([ctx + i], device="cuda")).clone()
+            return torch.stack([step(t.view(1, 1).expand(batch, 1), torch.tensor([ctx + i], device="cuda")).clone()
                                 for i, t in enumerate(tokens)])
 
     serial = decode(False)
