@@ -7,6 +7,7 @@
     python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel
     python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
     python scripts/bench.py --sweep --space gemv:programs_per_sm=2,3,4 gemv:num_warps=4   # one axis narrowed
+    python scripts/bench.py --skip-dense --batch 4 --e2e dense teal50 dense    # batch 4 decode (tok/s of all 4)
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
@@ -56,13 +57,15 @@ def setup_inductor(coordinate_descent=True):
     ic.fx_graph_cache = True
 
 
-def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, profile=False):
-    """Median seconds per decoded token (decode steps only) after a dense prefill of `context`
-    random tokens (the `decode` token policy; also keeps the reference attention path from
-    materialising (H, L, L) scores in a long prefill). With profile: also a per-kernel table."""
-    prompt = torch.randint(0, model.config.vocab_size, (1, context), device="cuda", dtype=torch.int)
+def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, profile=False, batch=1):
+    """Median seconds per decode step (one token for each of `batch` sequences) after a dense
+    prefill of `context` random tokens per sequence, a different prompt each (so a sparse site
+    reads the union of the sequences' kept channels, as in serving); the `decode` token policy,
+    which also keeps the reference attention path from materialising (H, L, L) scores in a long
+    prefill. With profile: also a per-kernel table."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda", dtype=torch.int)
     gen.decode_one_token = compiled_step or EAGER_STEP
-    model.setup_caches(max_batch_size=1, max_seq_len=context + new_tokens + 1)
+    model.setup_caches(max_batch_size=batch, max_seq_len=context + new_tokens + 1)
     mods = [m for layer in model.layers for m in (layer.attention, layer.feed_forward)]
 
     def prefill():
@@ -488,7 +491,7 @@ def split_row(name: str):
     return (base, suffix) if suffix in E2E_VARIANTS else (name, "")
 
 
-def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
+def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, batch=1):
     import calibrate as cal
     import kernels
     import sparsity as sp
@@ -523,13 +526,14 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False):
         t_cal = time.perf_counter() - t0
         torch._dynamo.reset()
         step = torch.compile(EAGER_STEP, mode="reduce-overhead", fullgraph=True)
-        print(f"e2e {preset} {name} (context {context}):", flush=True)
-        s_per_tok = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile)
-        tok_s = 1 / s_per_tok
+        print(f"e2e {preset} {name} (context {context}, batch {batch}):", flush=True)
+        s_per_tok = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile,
+                                batch=batch)
+        tok_s = batch / s_per_tok  # tokens of all sequences
         dense_tok_s = dense_tok_s or (tok_s if name.startswith("dense") else None)
-        rows.append(dict(preset=preset, method=name, context=context, tok_s=tok_s, effective_sparsity=eff,
+        rows.append(dict(preset=preset, method=name, context=context, batch=batch, tok_s=tok_s, effective_sparsity=eff,
                          speedup_vs_dense=tok_s / dense_tok_s if dense_tok_s else float("nan"),
-                         dense_gb_s_equiv=step_bytes * tok_s / 1e9, calibrate_s=t_cal))
+                         dense_gb_s_equiv=step_bytes * tok_s / batch / 1e9, calibrate_s=t_cal))
         r = rows[-1]
         print(f"e2e {preset} {name:>20}: {tok_s:7.1f} tok/s  speedup vs dense {r['speedup_vs_dense']:.2f}x  "
               f"effective sparsity {eff:.3f}  (dense-equivalent {r['dense_gb_s_equiv']:.0f} GB/s, "
@@ -559,6 +563,7 @@ def main():
                                                   "sparse_gemv without the kept-channel list, '-nopdl': "
                                                   "no programmatic dependent launch)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
+    ap.add_argument("--batch", type=int, default=1, help="e2e: sequences decoded together (tok/s counts all of them)")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")
@@ -579,6 +584,8 @@ def main():
             ap.error(f"--space {spec}: expected SWEEP:AXIS=V1,V2 (integers) with SWEEP:AXIS one of "
                      + ", ".join(f"{k}:{ax}" for k, sp_ in SPACES.items() for ax in sp_))
         SPACES[sweep][axis] = tuple(int(v) for v in values.split(","))
+    if a.batch < 1:
+        ap.error(f"--batch {a.batch}: give the number of sequences decoded together, 1 or more")
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     setup_inductor(not a.no_coordinate_descent)
     name = torch.cuda.get_device_name()
@@ -602,7 +609,7 @@ def main():
         attention += bench_dense_attention()
     if a.e2e:
         for p in a.presets:
-            e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile)
+            e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile, a.batch)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
             device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, gated_tuning=gated_tuning,
