@@ -790,7 +790,10 @@ def _num_sms(device) -> int:
 # cost up to 2 us more per GEMV at 50% sparsity and saved 0-5 us at 70%, 1-16 us at 90% (BENCHMARKS.md).
 COMPACT_MIN_SPARSITY = 0.6
 GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
-GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=4)  # input_sparse_gemv, batch 2..8
+# input_sparse_gemv, batch 2..8 (`scripts/bench.py --batch-sweep`, H100 session 12): one warp per program and a
+# 2-stage pipeline, 1416 us summed over the sweep's 36 cases. In another run that day the tuning before (4 warps,
+# Triton's default 3 stages: 45 KB of shared memory, 3 programs per SM) took 2409 us, 2 warps / 2 stages 1448 us
+GEMV_BATCH_TUNING = dict(block_k=128, block_n=64, programs_per_sm=8, num_warps=1, num_stages=2)
 DENSE_TUNING = dict(block_n=8, block_k=512, num_warps=4, num_stages=4)  # gemv
 SWIGLU_TUNING = dict(block_n=4, block_k=512, num_warps=8, num_stages=3)  # gemv with two weights
 GATED_TUNING = dict(block_n=4, block_k=1024, num_warps=2)  # gated_rows, batch 1-2
@@ -813,7 +816,8 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
     split = max(1, min(triton.cdiv(K, block_k), (tn["programs_per_sm"] * _num_sms(device)) // n_blocks))
     k_per_prog = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     split = triton.cdiv(K, k_per_prog)
-    return dict(BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split, num_warps=tn["num_warps"])
+    return dict(BLOCK_K=block_k, BLOCK_N=block_n, K_PER_PROG=k_per_prog, split=split, num_warps=tn["num_warps"],
+                num_stages=tn.get("num_stages", 3))
 
 
 def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mode: bool, swiglu: bool, shift: bool,

@@ -7,7 +7,7 @@
     python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel
     python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
     python scripts/bench.py --sweep --space gemv:programs_per_sm=2,3,4 gemv:num_warps=4   # one axis narrowed
-    python scripts/bench.py --skip-dense --batch 4 --e2e dense teal50 dense    # batch 4 decode (tok/s of all 4)
+    python scripts/bench.py --skip-dense --batch-sweep --batch 4 --e2e dense teal50 dense  # batch 4 decode
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
@@ -162,6 +162,8 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 SPACES = dict(
     # 3 programs per SM: what fits an SM at block 128 x 64 (scripts/kernel_regs.py); 4 measured faster (session 8)
     gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
+    # input_sparse_gemv at batch 2..8 (block_n stays 64: the model's sites are cut in 64-column blocks)
+    gemv_batch=dict(block_k=(32, 64, 128), programs_per_sm=(8,), num_warps=(1, 2, 4), num_stages=(1, 2)),
     # block_l = keys_per_program: a chunk's K rows in one load, its V rows in one more (Top-Theta)
     attn=dict(keys_per_program=(64, 128), block_l=(32, 64, 128), programs_per_sm=(2, 4, 8), num_warps=(2, 4, 8)),
     dense_attn=dict(block_l=(32, 64), keys_per_program=(64, 128, 256), programs_per_sm=(1, 2, 4),
@@ -200,6 +202,43 @@ def sweep_gemv(copy_gbs):
         print(f"best for {K}->{N} alone: {tn} ({t * 1e6:.1f} us)", flush=True)
     print(f"best launch configuration: {best[1]}", flush=True)
     kernels.GEMV_TUNING.update(best[1])
+    return best[1]
+
+
+def sweep_gemv_batch(copy_gbs, batches=(2, 4, 8)):
+    """Launch configurations of input_sparse_gemv's batch kernel (what batch 2..8 decode runs; the
+    kernel alone, its K chunks' sum is fused into the next op) on the Llama-3-8B shapes at s = 0,
+    0.5, 0.9 against cuBLAS on the same data. Thresholds at the s-quantile of |x| over independent
+    rows: a weight row is read if any sequence keeps it. GEMV_BATCH_TUNING is set to the best sum."""
+    import kernels
+    cublas = {}
+    for K, N in GEMV_SHAPES[:4]:
+        for b in batches:
+            ws, _, xs, _ = _gemv_buffers(K, N, b)
+            cublas[K, N, b] = graph_time(lambda i: torch.nn.functional.linear(xs[i % len(ws)], ws[i % len(ws)]))
+    base, best = dict(kernels.GEMV_BATCH_TUNING), None
+    for tn in configs(SPACES["gemv_batch"]):
+        kernels.GEMV_BATCH_TUNING.update(tn)
+        total, parts = 0.0, []
+        for K, N in GEMV_SHAPES[:4]:
+            for b in batches:
+                ws, wts, xs, a = _gemv_buffers(K, N, b)
+                n = len(ws)
+                for s in (0.0, 0.5, 0.9):
+                    t = torch.full((N,), float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0, device="cuda")
+                    sec = graph_time(lambda i: kernels.input_sparse_gemv_partials(xs[i % n], wts[i % n], t, None,
+                                                                                  kernels.block_n_for([N])))
+                    total += sec
+                    parts.append(f"{K}->{N} b{b} s{s} {cublas[K, N, b] / sec:.2f}x")
+        print(f"batch sweep {tn}: sum of times {total * 1e6:.1f} us; vs cuBLAS: {', '.join(parts)}", flush=True)
+        if best is None or total < best[0]:
+            best = (total, dict(kernels.GEMV_BATCH_TUNING))
+        kernels.GEMV_BATCH_TUNING.clear()
+        kernels.GEMV_BATCH_TUNING.update(base)
+    kernels.GEMV_BATCH_TUNING.update(best[1])
+    print(f"best batch launch configuration: {best[1]} ({best[0] * 1e6:.1f} us)", flush=True)
+    _GEMV_BUFS.clear()  # the weight buffers, before an --e2e model needs the memory
+    torch.cuda.empty_cache()
     return best[1]
 
 
@@ -558,6 +597,8 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmarks")
     ap.add_argument("--gemv-batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sweep", action="store_true", help="sweep GEMV launch configurations first")
+    ap.add_argument("--batch-sweep", action="store_true",
+                    help="sweep the batch 2..8 input-sparse GEMV's launch configurations (before --e2e)")
     ap.add_argument("--e2e", nargs="+", help=f"decode per method: dense dense-torch dense-sdpa {' '.join(E2E)} "
                                                   "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
                                                   "sparse_gemv without the kept-channel list, '-nopdl': "
@@ -571,7 +612,7 @@ def main():
     ap.add_argument("--dense-attention", action="store_true", help="dense decode attention kernel vs masked SDPA")
     ap.add_argument("--attention-sweep", action="store_true", help="sweep theta_attention launch configurations")
     ap.add_argument("--space", nargs="+", default=[], metavar="SWEEP:AXIS=V1,V2",
-                    help="override one axis of a sweep's space (sweeps: gemv, attn, dense_attn), "
+                    help="override one axis of a sweep's space (sweeps: gemv, gemv_batch, attn, dense_attn), "
                          "e.g. gemv:programs_per_sm=2,3,4")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     ap.add_argument("--no-coordinate-descent", action="store_true",
@@ -598,6 +639,7 @@ def main():
         print(f"{p:>14}: {r['tok_s']:7.1f} tok/s  {r['gb_s']:7.0f} GB/s  step {r['step_gb']:.2f} GB  "
               f"limit {r['ideal_tok_s']:6.1f} tok/s  achieved/copy = {r['ratio_to_copy']:.3f}", flush=True)
     tuning = sweep_gemv(copy_gbs) if a.sweep else None
+    batch_tuning = sweep_gemv_batch(copy_gbs) if a.batch_sweep else None
     gated_tuning = sweep_gated(copy_gbs) if a.gated_sweep else None
     dense_tuning = sweep_dense(copy_gbs) if a.dense_sweep else None
     if a.gemv:
@@ -612,7 +654,8 @@ def main():
             e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile, a.batch)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
-            device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, gated_tuning=gated_tuning,
+            device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, batch_tuning=batch_tuning,
+            gated_tuning=gated_tuning,
             dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
             e2e=e2e), indent=2))
 

@@ -47,7 +47,7 @@ def resident(regs: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps, 32)
 
 
-def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs: int) -> str:
+def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs: int, num_stages: int = 3) -> str:
     """ptxas -v's registers and spill bytes for fn compiled with these constexprs, how many
     programs fit on an SM, and in how many waves a grid of `programs` runs on the H100."""
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in FLOATS else "i32")
@@ -56,7 +56,7 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
              or (n.startswith("stride_") and not n.startswith("stride_s"))]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = k.asm["ptx"]
     # The ptxas Triton itself uses (TRITON_PTXAS_PATH or the wheel's), whose version the PTX follows: with
     # the wheel's binary hard-coded, this exited 255 under pytest on the GPU machine (session 9); with
@@ -94,6 +94,16 @@ def sparse_gemv_cases():
                    grid, meta)
 
 
+def batch_cases(B=4):
+    """input_sparse_gemv's batch kernel (decode at batch 2..8) at the Llama-3-8B shapes, GEMV_BATCH_TUNING."""
+    for name, K, N in (("qkv", 4096, 6144), ("gate+up", 4096, 28672), ("down", 14336, 4096)):
+        cfg = kernels.gemv_launch_config(B, K, N, kernels.GEMV_TUNING["block_n"], None)
+        split = cfg.pop("split")
+        yield (f"input_sparse_gemv {name}, batch {B} (split {split})", kernels._input_sparse_gemv_kernel,
+               dict(X=BF16, WT=BF16, T=F32, M=F32, Y=F32), (triton.cdiv(N, cfg["BLOCK_N"]), split),
+               dict(cfg, B_PAD=16, HAS_MODE=False, DOT_FP32=False))
+
+
 def attention_cases(L=8192):
     """decode_attention (dense, chunks merged in-kernel) and theta_attention (the chunks' states, their merge)."""
     for dense in (True, False):
@@ -126,11 +136,12 @@ def main():
     a = ap.parse_args()
     kernels._num_sms = lambda device: H100_SMS  # split-K / key-chunk counts as on the H100 (no GPU here)
     print(f"Triton {triton.__version__}, sm_90a, {H100_SMS} SMs; registers per thread (255 max), spill stores")
-    for label, fn, pointers, grid, meta in (*gemv_cases(), *sparse_gemv_cases(), *attention_cases()):
+    for label, fn, pointers, grid, meta in (*gemv_cases(), *sparse_gemv_cases(), *batch_cases(), *attention_cases()):
         c = dict(meta, PDL=True)  # programmatic dependent launch, as on the H100
         warps = c.pop("num_warps")
+        stages = c.pop("num_stages", 3)
         for w in dict.fromkeys([warps, *a.warps]):
-            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, math.prod(grid))}", flush=True)
+            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, math.prod(grid), stages)}", flush=True)
 
 
 if __name__ == "__main__":
