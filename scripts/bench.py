@@ -566,9 +566,9 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
         torch._dynamo.reset()
         step = torch.compile(EAGER_STEP, mode="reduce-overhead", fullgraph=True)
         print(f"e2e {preset} {name} (context {context}, batch {batch}):", flush=True)
-        s_per_tok = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile,
-                                batch=batch)
-        tok_s = batch / s_per_tok  # tokens of all sequences
+        s_per_step = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile,
+                                 batch=batch)
+        tok_s = batch / s_per_step  # tokens of all sequences
         dense_tok_s = dense_tok_s or (tok_s if name.startswith("dense") else None)
         rows.append(dict(preset=preset, method=name, context=context, batch=batch, tok_s=tok_s, effective_sparsity=eff,
                          speedup_vs_dense=tok_s / dense_tok_s if dense_tok_s else float("nan"),
@@ -604,7 +604,9 @@ def main():
                                                   "sparse_gemv without the kept-channel list, '-nopdl': "
                                                   "no programmatic dependent launch)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
-    ap.add_argument("--batch", type=int, default=1, help="e2e: sequences decoded together (tok/s counts all of them)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="e2e: sequences decoded together, tok/s counts all of them (the sparse kernels take up to "
+                         "kernels.MAX_BATCH = 8; beyond, sparse sites run their PyTorch reference)")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")
