@@ -834,6 +834,14 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
 
 
+def input_sparse_gemv_launch(B: int, K: int, N: int, block_n: int, device, mode: bool, dot_fp32: bool):
+    """How input_sparse_gemv launches _input_sparse_gemv_kernel at batch 2..8 (scripts/kernel_regs.py
+    compiles the same): grid (column blocks, K chunks) and constexprs + num_warps / num_stages."""
+    cfg = gemv_launch_config(B, K, N, block_n, device)
+    split = cfg.pop("split")
+    return (triton.cdiv(N, block_n), split), dict(cfg, B_PAD=16, HAS_MODE=mode, DOT_FP32=dot_fp32 or INTERPRET)
+
+
 def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool):
     """How gemv launches _gemv_kernel: grid and constexprs + num_warps (DENSE_ / SWIGLU_TUNING)."""
     tn = SWIGLU_TUNING if swiglu else DENSE_TUNING
@@ -903,9 +911,9 @@ if triton is not None:
                                       split=split, stride_wk=wt.stride(0), stride_p=y.stride(0), eps=0.0, **unused,
                                       **dict(meta, MERGE=False), **pdl_args(x))
         else:
+            _, meta = input_sparse_gemv_launch(B, K, N, block_n, x.device, m is not None, wt.dtype == torch.float32)
             _input_sparse_gemv_kernel[grid](x, wt, t, m_, y, B, K, N, x.stride(0), wt.stride(0), y.stride(0),
-                                            y.stride(1), B_PAD=16, HAS_MODE=m is not None,
-                                            DOT_FP32=wt.dtype == torch.float32 or INTERPRET, **cfg, **pdl_args(x))
+                                            y.stride(1), **meta, **pdl_args(x))
         return y
 
     @input_sparse_gemv_partials.register_fake

@@ -97,11 +97,9 @@ def sparse_gemv_cases():
 def batch_cases(B=4):
     """input_sparse_gemv's batch kernel (decode at batch 2..8) at the Llama-3-8B shapes, GEMV_BATCH_TUNING."""
     for name, K, N in (("qkv", 4096, 6144), ("gate+up", 4096, 28672), ("down", 14336, 4096)):
-        cfg = kernels.gemv_launch_config(B, K, N, kernels.GEMV_TUNING["block_n"], None)
-        split = cfg.pop("split")
-        yield (f"input_sparse_gemv {name}, batch {B} (split {split})", kernels._input_sparse_gemv_kernel,
-               dict(X=BF16, WT=BF16, T=F32, M=F32, Y=F32), (triton.cdiv(N, cfg["BLOCK_N"]), split),
-               dict(cfg, B_PAD=16, HAS_MODE=False, DOT_FP32=False))
+        grid, meta = kernels.input_sparse_gemv_launch(B, K, N, kernels.GEMV_TUNING["block_n"], None, False, False)
+        yield (f"input_sparse_gemv {name}, batch {B} (split {grid[1]})", kernels._input_sparse_gemv_kernel,
+               dict(X=BF16, WT=BF16, T=F32, M=F32, Y=F32), grid, meta)
 
 
 def attention_cases(L=8192):
