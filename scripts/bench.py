@@ -211,30 +211,27 @@ def sweep_gemv_batch(copy_gbs, batches=(2, 4, 8)):
     0.5, 0.9 against cuBLAS on the same data. Thresholds at the s-quantile of |x| over independent
     rows: a weight row is read if any sequence keeps it. GEMV_BATCH_TUNING is set to the best sum."""
     import kernels
-    cublas = {}
-    for K, N in GEMV_SHAPES[:4]:
+    base, space = dict(kernels.GEMV_BATCH_TUNING), configs(SPACES["gemv_batch"])
+    totals, parts = [0.0] * len(space), [[] for _ in space]
+    for K, N in GEMV_SHAPES[:4]:  # each shape's buffers made once, every configuration timed on them
+        block_n = kernels.block_n_for([N])
         for b in batches:
-            ws, _, xs, _ = _gemv_buffers(K, N, b)
-            cublas[K, N, b] = graph_time(lambda i: torch.nn.functional.linear(xs[i % len(ws)], ws[i % len(ws)]))
-    base, best = dict(kernels.GEMV_BATCH_TUNING), None
-    for tn in configs(SPACES["gemv_batch"]):
-        kernels.GEMV_BATCH_TUNING.update(tn)
-        total, parts = 0.0, []
-        for K, N in GEMV_SHAPES[:4]:
-            for b in batches:
-                ws, wts, xs, a = _gemv_buffers(K, N, b)
-                n = len(ws)
-                for s in (0.0, 0.5, 0.9):
-                    t = torch.full((N,), float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0, device="cuda")
+            ws, wts, xs, a = _gemv_buffers(K, N, b)
+            n = len(ws)
+            cublas = graph_time(lambda i: torch.nn.functional.linear(xs[i % n], ws[i % n]))
+            for s in (0.0, 0.5, 0.9):
+                t = torch.full((N,), _threshold_at(a, s), device="cuda")
+                for j, tn in enumerate(space):
+                    kernels.GEMV_BATCH_TUNING.update(tn)
                     sec = graph_time(lambda i: kernels.input_sparse_gemv_partials(xs[i % n], wts[i % n], t, None,
-                                                                                  kernels.block_n_for([N])))
-                    total += sec
-                    parts.append(f"{K}->{N} b{b} s{s} {cublas[K, N, b] / sec:.2f}x")
-        print(f"batch sweep {tn}: sum of times {total * 1e6:.1f} us; vs cuBLAS: {', '.join(parts)}", flush=True)
-        if best is None or total < best[0]:
-            best = (total, dict(kernels.GEMV_BATCH_TUNING))
-        kernels.GEMV_BATCH_TUNING.clear()
-        kernels.GEMV_BATCH_TUNING.update(base)
+                                                                                  block_n))
+                    kernels.GEMV_BATCH_TUNING.update(base)
+                    totals[j] += sec
+                    parts[j].append(f"{K}->{N} b{b} s{s} {cublas / sec:.2f}x")
+    for tn, total, part in zip(space, totals, parts):
+        print(f"batch sweep {tn}: sum of times {total * 1e6:.1f} us; vs cuBLAS: {', '.join(part)}", flush=True)
+    j = min(range(len(space)), key=totals.__getitem__)
+    best = (totals[j], dict(base, **space[j]))
     kernels.GEMV_BATCH_TUNING.update(best[1])
     print(f"best batch launch configuration: {best[1]} ({best[0] * 1e6:.1f} us)", flush=True)
     _GEMV_BUFS.clear()  # the weight buffers, before an --e2e model needs the memory
@@ -445,6 +442,11 @@ def _gemv_buffers(K, N, batch):
     return _GEMV_BUFS[key]
 
 
+def _threshold_at(a, s: float) -> float:
+    """The threshold that skips a fraction s of the inputs whose sorted |x| is a (-1: none skipped)."""
+    return float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
+
+
 def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=False, compact=True):
     """Seconds per sparse GEMV at sparsity s: input_sparse_gemv, its partial sums added by a
     compiled op (compiled) or eagerly (batch > 1 decode and the -unfused rows run it); fused
@@ -454,8 +456,7 @@ def _time_sparse(K, N, s, batch, copy_gbs, tuning=None, compiled=False, fused=Fa
     import kernels
     ws, wts, xs, a = _gemv_buffers(K, N, batch)
     n = len(ws)
-    thr = float(a[int(s * (a.numel() - 1))]) if s > 0 else -1.0
-    t_col = torch.full((N,), thr, device="cuda")
+    t_col = torch.full((N,), _threshold_at(a, s), device="cuda")
     tun = kernels.GEMV_TUNING if batch == 1 else kernels.GEMV_BATCH_TUNING
     old = dict(tun)
     tun.update(tuning or {})
