@@ -142,6 +142,9 @@ def test_bench_space_overrides_one_axis():
         p = run("scripts/bench.py", "--space", bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert f"--space {bad}: expected SWEEP:AXIS=V1,V2" in p.stderr and "gemv:programs_per_sm" in p.stderr
+    assert "gemv_batch:num_stages" in p.stderr  # the batch sweep's axes are named too
+    p = run("scripts/bench.py", "--batch", "0")  # also before any GPU is needed
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--batch 0: give the number of sequences" in p.stderr
 
 
 def test_bench_e2e_row_names():
