@@ -56,6 +56,17 @@ DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.d
 # the residual in one kernel, 6 kernels per layer as dense (BENCHMARKS.md, session 5). False: the norm,
 # input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
 FUSED_SPARSE_GEMV = True
+# GPU decode of this many sequences or more: a sparse site runs cuBLAS on the thresholded input instead of
+# input_sparse_gemv's batch kernel. A weight row is skipped only if every sequence skips its channel: TEAL 50% on
+# SmolLM2 reads 72% of the rows at batch 2, 90% at batch 4, 98% at batch 8, too many for the batch kernel's lower
+# efficiency to pay from batch 3 on. H100, Llama-3-8B, TEAL 50% vs dense (BENCHMARKS.md session 13):
+# batch 2 kernel 1.03x / cuBLAS 1.02x, batch 3 0.95x / 1.02x, batch 4 0.94x / 0.98x, batch 8 0.89x / 1.05x.
+# A/B: `bench.py --e2e teal50-batchkernel` (the kernels at every batch), `teal50-cublas` (cuBLAS from batch 2).
+DENSE_UNION_FROM_BATCH = 3
+# CATS / COUNTDOWN decode their MLP through kernels.gated_rows up to this many sequences; more run the formulas
+# of sparse_mlp on cuBLAS. gated_rows' batch form is a CUDA-core loop: CATS 50% through it decoded at 0.96x,
+# 0.42x, 0.43x and 0.32x dense at batch 2, 3, 4 and 8; on cuBLAS at 1.00x (batch 2 and 4).
+GATED_ROWS_MAX_BATCH = 1
 
 
 # ----------------------------------------------------------------------------- config objects
@@ -72,6 +83,7 @@ class LinearSite:
     t_col: Optional[Tensor] = None
     m_col: Optional[Tensor] = None
     block_n: int = 0
+    parts: tuple = ()  # (start, end) column ranges of one threshold and mode each (merged q/k/v, gate/up)
 
 
 @dataclass
@@ -139,8 +151,13 @@ def _record(stats, name, kept: Tensor, dense_rows, values: Optional[Tensor] = No
 
 def threshold_input(x: Tensor, site: LinearSite, dense_rows=None):
     """(x - m) * 1[|x - m| > t], rows in dense_rows kept whole. Returns (x_tilde, kept)."""
-    c = x if site.mode is None else x - site.mode.to(x.dtype)
-    kept = c.abs() > site.threshold.to(x.dtype)
+    return threshold(x, site.threshold, site.mode, dense_rows)
+
+
+def threshold(x: Tensor, t: Tensor, m: Optional[Tensor] = None, dense_rows=None):
+    """threshold_input with t and m (0-d tensors) given directly."""
+    c = x if m is None else x - m.to(x.dtype)
+    kept = c.abs() > t.to(x.dtype)
     if dense_rows is not None:
         kept = kept | dense_rows[:, None]
     return c * kept, kept
@@ -191,7 +208,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
     x: (B, S, dim). A GPU decode step runs the norm and the residual add inside its kernels."""
     m, st = mlp.method, mlp.stats
     kernel = _kernel_step(x, st)
-    if kernel and mlp.down_kernel is not None:
+    if kernel and mlp.down_kernel is not None and x.shape[0] <= GATED_ROWS_MAX_BATCH:
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
@@ -251,7 +268,11 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
                                 site.sparsity >= kernels.COMPACT_MIN_SPARSITY)  # list the kept channels first
         return (y if bias is None else y + bias).view(B, 1, -1)
     x = norm(x) if norm is not None else x
-    y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n)
+    if B >= DENSE_UNION_FROM_BATCH:
+        y = _dense_union(x.view(B, K), weight, site)
+    else:
+        y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias,
+                                      site.block_n)
     if bias is not None:
         y = y + bias
     if swiglu:
@@ -259,6 +280,18 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
         y = F.silu(g) * u
     y = y.to(x.dtype).view(B, 1, -1)
     return y if residual is None else residual + y
+
+
+def _dense_union(x: Tensor, weight: Tensor, site: LinearSite) -> Tensor:
+    """input_sparse_gemv's result by cuBLAS (batch >= DENSE_UNION_FROM_BATCH): every weight row read,
+    once. A merged site (q/k/v, gate/up) has one threshold and mode per part: each part's thresholded
+    copy of x is a row block of one (parts * B, K) input, and part j's columns come from row block j."""
+    B = x.shape[0]
+    parts = [(a, b, site.t_col[a], site.m_col[a] if site.m_col is not None else None) for a, b in site.parts]
+    xs = torch.cat([threshold(x, t, m)[0] for _, _, t, m in parts])
+    out = F.linear(xs.to(weight.dtype), weight).float()  # x: fp32 from gated_rows; the batch kernel rounds it too
+    y = torch.cat([out[j * B:(j + 1) * B, a:b] for j, (a, b, _, _) in enumerate(parts)], dim=1)
+    return y if site.shift_bias is None else y + site.shift_bias
 
 
 def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity, norm=None, residual=None, window=None) -> Tensor:
@@ -625,7 +658,8 @@ def prepare_kernels(layer, c, force=False):
         else:
             mlp.kernel_t = float(mlp.threshold) if mlp.threshold is not None else 0.0
             mlp.down_kernel = LinearSite(torch.tensor(0.0), t_col=torch.zeros(c.dim, device=ffn.down.weight.device),
-                                         block_n=kernels.block_n_for([c.dim]), sparsity=mlp.ratio or 0.0)
+                                         block_n=kernels.block_n_for([c.dim]), sparsity=mlp.ratio or 0.0,
+                                         parts=((0, c.dim),))
             kernels.make_input_major(ffn.down)
 
 
@@ -636,13 +670,21 @@ def _merged_site(sites, sizes, dev) -> LinearSite:
         return torch.cat([torch.full((n,), float(f(s)) if s is not None else default, device=dev)
                           for s, n in zip(sites, sizes)])
     has_mode = any(s is not None and s.mode is not None for s in sites)
+    parts, start = [], 0  # column ranges of one (t, m) each; neighbouring sites that share them form one
+    for s, n in zip(sites, sizes):
+        key = (float(s.threshold), float(s.mode) if s.mode is not None else 0.0) if s is not None else None
+        if parts and parts[-1][2] == key:
+            parts[-1] = (parts[-1][0], start + n, key)
+        else:
+            parts.append((start, start + n, key))
+        start += n
     shift = None
     if any(s is not None and s.shift_bias is not None for s in sites):
         shift = torch.cat([s.shift_bias if (s is not None and s.shift_bias is not None)
                            else torch.zeros(n, device=dev) for s, n in zip(sites, sizes)])
     return LinearSite(torch.tensor(0.0), shift_bias=shift, t_col=cols(lambda s: s.threshold, -1.0),
                       m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0) if has_mode else None,
-                      block_n=kernels.block_n_for(sizes),
+                      block_n=kernels.block_n_for(sizes), parts=tuple((a, b) for a, b, _ in parts),
                       sparsity=min(s.sparsity if s is not None else 0.0 for s in sites))  # a dense part: masked loop
 
 
@@ -652,6 +694,7 @@ def _prepare_site(site: LinearSite, linear):
     site.t_col = torch.full((n,), float(site.threshold), device=dev)
     site.m_col = torch.full((n,), float(site.mode), device=dev) if site.mode is not None else None
     site.block_n = kernels.block_n_for([n])
+    site.parts = ((0, n),)
     kernels.make_input_major(linear)
 
 

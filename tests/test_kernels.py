@@ -279,11 +279,18 @@ def test_block_n_for_segments():
 
 
 @pytest.mark.parametrize("method", ["teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle"])
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 2, 3, 5])
 def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
-    """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model."""
+    """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model. Batch 3 and 5
+    (>= DENSE_UNION_FROM_BATCH): cuBLAS on each part's thresholded input, no batch kernel; batch 2 on
+    (> GATED_ROWS_MAX_BATCH): the decode step runs CATS / COUNTDOWN's formulas, not gated_rows (called
+    here directly at every batch: it must stay correct)."""
     import calibrate as cal
     import sparsity as sp
+    calls, rows = [], []
+    real, real_rows = kernels.input_sparse_gemv, kernels.gated_rows
+    monkeypatch.setattr(kernels, "input_sparse_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(kernels, "gated_rows", lambda *a: rows.append(1) or real_rows(*a))
     cfg_m, model = tiny_model(std=0.2, attention_bias=True)
     batches = torch.randint(0, 61, (3, 32), device=DEVICE)
     cfg = cal.calibrate(model, batches, method=method, sparsity=0.5, rank=8, progress=False,
@@ -300,6 +307,9 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
         a, f = layer.attention.sparsity, layer.feed_forward.sparsity
         with torch.no_grad():
             if method in ("teal", "scap"):
+                # uniform TEAL: q, k, v share the input and so the threshold, one part; SCAP's spec: three
+                parts = [len(a.qkv_kernel.parts), len(f.gate_up_kernel.parts)]
+                assert parts == ([1, 1] if method == "teal" else [3, 2])
                 got = sp._kernel_linear(x, layer.attention.wqkv.weight, layer.attention.wqkv.bias, a.qkv_kernel)
                 assert rel_err(got, ref_qkv) < 1e-4
                 # gate and up in one launch over the merged input-major buffer
@@ -312,6 +322,34 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
                                sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
             else:
                 assert rel_err(sp._kernel_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
+                # the decode step's dispatch: gated_rows below DENSE_UNION_FROM_BATCH, the formulas on cuBLAS from it
+                rows.clear()
+                monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+                assert rel_err(sp.sparse_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
+                monkeypatch.delenv("ACTSPARSE_KERNELS")
+                assert bool(rows) == (B == 1 and method != "d-countdown-oracle")
+    assert (sp.DENSE_UNION_FROM_BATCH, sp.GATED_ROWS_MAX_BATCH) == (3, 1)
+    assert calls == [] if B >= 3 else calls and set(calls) == {B}
+
+
+@pytest.mark.parametrize("B", [2, 5])
+def test_down_projection_takes_fp32_coefficients(B):
+    """CATS / COUNTDOWN's down projection reads gated_rows' fp32 coefficients with bf16 weights, through the batch
+    kernel (batch 2) or cuBLAS on the thresholded input (batch 5): both round them to bf16, as the reference."""
+    import calibrate as cal
+    import sparsity as sp
+    cfg_m, model = tiny_model(std=0.2)
+    cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), method="cats", sparsity=0.5,
+                        progress=False)
+    model.to(torch.bfloat16)
+    sp.apply(model, cfg)
+    layer = model.layers[0]
+    sp.prepare_kernels(layer, cfg_m, force=True)
+    s = torch.randn(B, 1, 96, device=DEVICE) * (torch.rand(B, 1, 96, device=DEVICE) > 0.5)
+    with torch.no_grad():
+        got = sp._kernel_linear(s, layer.feed_forward.down.weight, None, layer.feed_forward.sparsity.down_kernel)
+        ref = torch.nn.functional.linear(s.to(torch.bfloat16), layer.feed_forward.down.weight)
+    assert rel_err(got.float(), ref.float()) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("method,dtype,sparsity", [
@@ -385,10 +423,12 @@ def dataclass_without_kernel(site):
     return dataclasses.replace(site, t_col=None)
 
 
-@pytest.mark.parametrize("method", ["teal", "cats", "m-countdown", "d-countdown"])
-def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
+@pytest.mark.parametrize("method,batch", [("teal", 1), ("cats", 1), ("m-countdown", 1), ("d-countdown", 1),
+                                          ("teal", 2), ("teal", 4)])
+def test_decode_step_traces_without_graph_breaks(method, batch, monkeypatch):
     """generate.py's decode step with the kernel path, under torch.compile(fullgraph=True)
-    (dynamo tracing, eager backend): a graph break is an error."""
+    (dynamo tracing, eager backend): a graph break is an error. Batch 2: the batch kernel; batch 4:
+    cuBLAS on the thresholded inputs (sparsity._dense_union)."""
     import calibrate as cal
     import generate
     import sparsity as sp
@@ -399,25 +439,27 @@ def test_decode_step_traces_without_graph_breaks(method, monkeypatch):
     for layer in model.layers:
         sp.prepare_kernels(layer, cfg_m, force=True)
     monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
-    model.setup_caches(max_batch_size=1, max_seq_len=16)
+    model.setup_caches(max_batch_size=batch, max_seq_len=16)
     step = torch.compile(generate.decode_one_token, backend="eager", fullgraph=True)
-    x, pos = torch.tensor([[3]], device=DEVICE), torch.tensor([4], device=DEVICE)
+    x, pos = torch.arange(3, 3 + batch, device=DEVICE).view(batch, 1), torch.tensor([4], device=DEVICE)
     with torch.no_grad():
         compiled = step(model, x, pos, 0.0, None)
         monkeypatch.setenv("ACTSPARSE_KERNELS", "0")
         eager = generate.decode_one_token(model, x, pos, 0.0, None)
-    assert compiled.shape == (1, 1) and compiled.item() == eager.item()
+    assert compiled.shape == (batch, 1) and torch.equal(compiled, eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs an sm_90+ GPU (on CPU, kernel_regs compiles it)")
-@pytest.mark.parametrize("method,batch", [(None, 1), ("teal", 1), ("top-theta", 1), ("teal", 4), ("cats", 4)])
+@pytest.mark.parametrize("method,batch", [(None, 1), ("teal", 1), ("top-theta", 1), ("cats", 1), ("teal", 2),
+                                          ("teal", 4)])
 def test_pdl_decode_equals_serial_launches(method, batch, monkeypatch):
     """The compiled decode step (reduce-overhead: CUDA graphs) with every kernel launched by
     programmatic dependent launch gives the logits of serial launches bit for bit: no kernel
     reads or writes before it waits for the previous one (_await_previous). Real head sizes,
     a cache long enough for several key chunks merged in-kernel, grids of several waves;
-    batch 4: the batch kernels (input_sparse_gemv's tl.dot form, gated_rows) between compiled ops."""
+    CATS: gated_rows; batch 2: input_sparse_gemv's tl.dot form between compiled ops; batch 4: cuBLAS on the
+    thresholded inputs (sparsity.DENSE_UNION_FROM_BATCH)."""
     import calibrate as cal
     import sparsity as sp
     from model import ModelArgs, random_model
