@@ -22,9 +22,9 @@ captures them in the CUDA graph with no graph break.
    without its prologue and epilogue: each program walks its K chunk in small tiles into a 2-D
    fp32 accumulator (one reduction at the end) and loads the next tile's x before the current
    tile's weights, so the x -> mask -> weight-load chain does not serialise. Batch 2..8: tl.dot
-   on 16 padded rows; a weight row is read if any row of the batch needs it. Decode steps take it at
-   batch 2 only: from sparsity.DENSE_UNION_FROM_BATCH on, the union of the sequences' kept channels
-   is most rows, and cuBLAS on the thresholded input is faster.
+   on 16 padded rows; a weight row is read if any row of the batch needs it. Decode steps take it
+   only where that union is small (sparsity.batch_kernel_pays); over most rows, cuBLAS on the
+   thresholded input is faster.
 
 1b. sparse_gemv: the batch-1 decode form of input_sparse_gemv with everything around it fused,
    so that a sparse decode step has as few kernels as a dense one (6 per layer): the RMSNorm
@@ -44,8 +44,8 @@ captures them in the CUDA graph with no graph break.
      mode 2 D-COUNTDOWN:  p = logits, keep p > 0,          s = SiLU(W1 x) * (W2 x)
      mode 3 plain:        p = any,    keep p > 0,          s = W1 x
    Dropped rows are never read and give s = 0, which the down projection's
-   input_sparse_gemv (t = 0) then skips. Decode steps take it at batch 1 (its batch form is a
-   CUDA-core loop, slower than cuBLAS: sparsity.GATED_ROWS_MAX_BATCH).
+   input_sparse_gemv (t = 0) then skips. Its batch form is a CUDA-core loop: decode steps take it at
+   batch 2-8 only where the union of the kept rows is small (sparsity.batch_kernel_pays).
 
 3. theta_attention: Top-Theta decode attention (arXiv 2502.08363, pre-softmax placement).
    Split over keys (flash-decoding): every K row is read, since every score is compared

@@ -56,17 +56,20 @@ DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.d
 # the residual in one kernel, 6 kernels per layer as dense (BENCHMARKS.md, session 5). False: the norm,
 # input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
 FUSED_SPARSE_GEMV = True
-# GPU decode of this many sequences or more: a sparse site runs cuBLAS on the thresholded input instead of
-# input_sparse_gemv's batch kernel. A weight row is skipped only if every sequence skips its channel: TEAL 50% on
-# SmolLM2 reads 72% of the rows at batch 2, 90% at batch 4, 98% at batch 8, too many for the batch kernel's lower
-# efficiency to pay from batch 3 on. H100, Llama-3-8B, TEAL 50% vs dense (BENCHMARKS.md session 13):
-# batch 2 kernel 1.03x / cuBLAS 1.02x, batch 3 0.95x / 1.02x, batch 4 0.94x / 0.98x, batch 8 0.89x / 1.05x.
-# A/B: `bench.py --e2e teal50-batchkernel` (the kernels at every batch), `teal50-cublas` (cuBLAS from batch 2).
-DENSE_UNION_FROM_BATCH = 3
-# CATS / COUNTDOWN decode their MLP through kernels.gated_rows up to this many sequences; more run the formulas
-# of sparse_mlp on cuBLAS. gated_rows' batch form is a CUDA-core loop: CATS 50% through it decoded at 0.96x,
-# 0.42x, 0.43x and 0.32x dense at batch 2, 3, 4 and 8; on cuBLAS at 1.00x (batch 2 and 4).
-GATED_ROWS_MAX_BATCH = 1
+# A GPU decode step of B >= 2 sequences reads a weight row if any sequence keeps its channel: about 1 - s^B of the
+# rows for sites calibrated to sparsity s (the sequences' kept channels are close to independent: TEAL 50% on
+# SmolLM2 reads 74% of the rows at batch 2, 91% at batch 4, 98% at batch 8; BENCHMARKS.md session 13). Where that
+# union is above BATCH_KERNEL_MAX_UNION, cuBLAS over every row beats the batch kernels (input_sparse_gemv's tl.dot
+# form, gated_rows): the site runs cuBLAS on its thresholded input, CATS / COUNTDOWN's MLP its formulas. H100,
+# Llama-3-8B, vs dense, batch kernels / cuBLAS: TEAL 50% batch 2 1.03x / 1.02x, batch 3 0.95x / 1.02x, batch 4
+# 0.94x / 1.03x, batch 8 0.89x / 1.05x; CATS 50% batch 2 0.96x / 1.00x, batch 4 0.43x / 1.00x; M-COUNTDOWN 70%
+# batch 2 (union 51%) 1.02x / 0.99x. A/B: `bench.py --e2e teal50-batchkernel` / `teal50-cublas`.
+BATCH_KERNEL_MAX_UNION = 0.6
+
+
+def batch_kernel_pays(B: int, s: float) -> bool:
+    """Batch 1, or B sequences whose union of kept rows (sites at sparsity s) is small enough for the batch kernels."""
+    return B == 1 or 1.0 - s ** B <= BATCH_KERNEL_MAX_UNION
 
 
 # ----------------------------------------------------------------------------- config objects
@@ -208,7 +211,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
     x: (B, S, dim). A GPU decode step runs the norm and the residual add inside its kernels."""
     m, st = mlp.method, mlp.stats
     kernel = _kernel_step(x, st)
-    if kernel and mlp.down_kernel is not None and x.shape[0] <= GATED_ROWS_MAX_BATCH:
+    if kernel and mlp.down_kernel is not None and batch_kernel_pays(x.shape[0], mlp.ratio or 0.0):
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
@@ -268,7 +271,7 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
                                 site.sparsity >= kernels.COMPACT_MIN_SPARSITY)  # list the kept channels first
         return (y if bias is None else y + bias).view(B, 1, -1)
     x = norm(x) if norm is not None else x
-    if B >= DENSE_UNION_FROM_BATCH:
+    if not batch_kernel_pays(B, site.sparsity):
         y = _dense_union(x.view(B, K), weight, site)
     else:
         y = kernels.input_sparse_gemv(x.view(B, K), weight.t(), site.t_col, site.m_col, site.shift_bias,
@@ -283,7 +286,7 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
 
 
 def _dense_union(x: Tensor, weight: Tensor, site: LinearSite) -> Tensor:
-    """input_sparse_gemv's result by cuBLAS (batch >= DENSE_UNION_FROM_BATCH): every weight row read,
+    """input_sparse_gemv's result by cuBLAS (batch_kernel_pays is False): every weight row read,
     once. A merged site (q/k/v, gate/up) has one threshold and mode per part: each part's thresholded
     copy of x is a row block of one (parts * B, K) input, and part j's columns come from row block j."""
     B = x.shape[0]

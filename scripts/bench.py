@@ -537,7 +537,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
     import kernels
     import sparsity as sp
     compact_min = kernels.COMPACT_MIN_SPARSITY
-    batch_dispatch = (sp.DENSE_UNION_FROM_BATCH, sp.GATED_ROWS_MAX_BATCH)
+    max_union = sp.BATCH_KERNEL_MAX_UNION
     torch.manual_seed(0)
     model = random_model(ModelArgs.from_preset(preset), device="cuda", dtype=torch.bfloat16)
     step_bytes = gen.decode_step_bytes(model)
@@ -553,10 +553,9 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
         sp.FUSED_SPARSE_GEMV = suffix != "unfused"
         # <row>-masked: sparse_gemv walks every tile of x at every site (no kept-channel lists)
         kernels.COMPACT_MIN_SPARSITY = float("inf") if suffix == "masked" else compact_min
-        # <row>-batchkernel / -cublas: input_sparse_gemv's batch kernel and gated_rows at every batch up to 8 / cuBLAS
-        # from batch 2 on (sparsity.DENSE_UNION_FROM_BATCH, GATED_ROWS_MAX_BATCH)
-        sp.DENSE_UNION_FROM_BATCH, sp.GATED_ROWS_MAX_BATCH = dict(
-            batchkernel=(kernels.MAX_BATCH + 1, kernels.MAX_BATCH), cublas=(2, 1)).get(suffix, batch_dispatch)
+        # <row>-batchkernel / -cublas: at batch 2..8, input_sparse_gemv's batch kernel and gated_rows at every site /
+        # cuBLAS at every site (sparsity.batch_kernel_pays)
+        sp.BATCH_KERNEL_MAX_UNION = dict(batchkernel=1.0, cublas=-1.0).get(suffix, max_union)
         # <row>-nopdl: every kernel launched to wait for the previous one's end (no programmatic dependent launch)
         kernels.PDL = suffix != "nopdl"
         if base in ("dense", "dense-torch", "dense-sdpa"):
@@ -588,7 +587,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
     sp.DENSE_ATTENTION_KERNEL = True
     sp.FUSED_SPARSE_GEMV = True
     kernels.COMPACT_MIN_SPARSITY = compact_min
-    sp.DENSE_UNION_FROM_BATCH, sp.GATED_ROWS_MAX_BATCH = batch_dispatch
+    sp.BATCH_KERNEL_MAX_UNION = max_union
     kernels.PDL = True
     sp.apply(model, None)
     del model
@@ -614,8 +613,9 @@ def main():
                                                   "the batch kernels at every batch / cuBLAS from batch 2)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--batch", type=int, default=1,
-                    help="e2e: sequences decoded together, tok/s counts all of them (the batch kernels run at batch "
-                         "2; from sparsity.DENSE_UNION_FROM_BATCH on, cuBLAS on the thresholded input)")
+                    help="e2e: sequences decoded together, tok/s counts all of them (at batch 2-8 a site takes the "
+                         "batch kernels where the union of kept rows is small, else cuBLAS: "
+                         "sparsity.batch_kernel_pays)")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")

@@ -278,15 +278,27 @@ def test_block_n_for_segments():
     assert kernels.block_n_for([77]) == 1
 
 
+def test_batch_kernel_pays():
+    """The batch kernels where the union of the sequences' kept rows, 1 - s^B, is at most 60%: the
+    measured cases (BENCHMARKS.md session 13) fall on the side that was faster."""
+    import sparsity as sp
+    assert sp.BATCH_KERNEL_MAX_UNION == 0.6
+    assert sp.batch_kernel_pays(1, 0.0) and sp.batch_kernel_pays(1, 0.5)  # batch 1: always the kernels
+    assert sp.batch_kernel_pays(2, 0.7)  # M-COUNTDOWN 70%, batch 2: gated_rows 1.02x vs cuBLAS 0.99x
+    assert not any(sp.batch_kernel_pays(b, 0.5) for b in (2, 3, 4, 8))  # TEAL, CATS 50%: cuBLAS
+    assert not sp.batch_kernel_pays(3, 0.7) and sp.batch_kernel_pays(8, 0.95)
+
+
 @pytest.mark.parametrize("method", ["teal", "scap", "cats", "m-countdown", "d-countdown", "d-countdown-oracle"])
-@pytest.mark.parametrize("B", [1, 2, 3, 5])
-def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
-    """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model. Batch 3 and 5
-    (>= DENSE_UNION_FROM_BATCH): cuBLAS on each part's thresholded input, no batch kernel; batch 2 on
-    (> GATED_ROWS_MAX_BATCH): the decode step runs CATS / COUNTDOWN's formulas, not gated_rows (called
-    here directly at every batch: it must stay correct)."""
+@pytest.mark.parametrize("B,path", [(1, "rule"), (2, "kernels"), (5, "kernels"), (2, "cublas"), (5, "cublas")])
+def test_model_decode_kernel_path_equals_reference(method, B, path, monkeypatch):
+    """sparsity.py's GPU decode path (kernels) equals its reference path on a tiny model, batch 2 and 5
+    through either side of sparsity.batch_kernel_pays: the batch kernels (input_sparse_gemv's tl.dot form,
+    gated_rows), or cuBLAS on each part's thresholded input and CATS / COUNTDOWN's formulas."""
     import calibrate as cal
     import sparsity as sp
+    monkeypatch.setattr(sp, "BATCH_KERNEL_MAX_UNION", {"kernels": 1.0, "cublas": -1.0}.get(path, 0.6))
+    batch_kernels = B == 1 or path == "kernels"
     calls, rows = [], []
     real, real_rows = kernels.input_sparse_gemv, kernels.gated_rows
     monkeypatch.setattr(kernels, "input_sparse_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
@@ -322,22 +334,23 @@ def test_model_decode_kernel_path_equals_reference(method, B, monkeypatch):
                                sp.sparse_linear(s, layer.feed_forward.down, dataclass_without_kernel(f.down))) < 1e-4
             else:
                 assert rel_err(sp._kernel_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
-                # the decode step's dispatch: gated_rows below DENSE_UNION_FROM_BATCH, the formulas on cuBLAS from it
+                # the decode step's dispatch: gated_rows, or the formulas on cuBLAS
                 rows.clear()
                 monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
                 assert rel_err(sp.sparse_mlp(x, layer.feed_forward, f), ref_mlp) < 1e-4
                 monkeypatch.delenv("ACTSPARSE_KERNELS")
-                assert bool(rows) == (B == 1 and method != "d-countdown-oracle")
-    assert (sp.DENSE_UNION_FROM_BATCH, sp.GATED_ROWS_MAX_BATCH) == (3, 1)
-    assert calls == [] if B >= 3 else calls and set(calls) == {B}
+                assert bool(rows) == (batch_kernels and method != "d-countdown-oracle")
+    assert set(calls) == ({B} if batch_kernels else set())
 
 
-@pytest.mark.parametrize("B", [2, 5])
-def test_down_projection_takes_fp32_coefficients(B):
+@pytest.mark.parametrize("max_union", [1.0, -1.0])
+def test_down_projection_takes_fp32_coefficients(max_union, monkeypatch):
     """CATS / COUNTDOWN's down projection reads gated_rows' fp32 coefficients with bf16 weights, through the batch
-    kernel (batch 2) or cuBLAS on the thresholded input (batch 5): both round them to bf16, as the reference."""
+    kernel or cuBLAS on the thresholded input: both round them to bf16, as the reference."""
     import calibrate as cal
     import sparsity as sp
+    monkeypatch.setattr(sp, "BATCH_KERNEL_MAX_UNION", max_union)
+    B = 4
     cfg_m, model = tiny_model(std=0.2)
     cfg = cal.calibrate(model, torch.randint(0, 61, (3, 32), device=DEVICE), method="cats", sparsity=0.5,
                         progress=False)
@@ -423,15 +436,17 @@ def dataclass_without_kernel(site):
     return dataclasses.replace(site, t_col=None)
 
 
-@pytest.mark.parametrize("method,batch", [("teal", 1), ("cats", 1), ("m-countdown", 1), ("d-countdown", 1),
-                                          ("teal", 2), ("teal", 4)])
-def test_decode_step_traces_without_graph_breaks(method, batch, monkeypatch):
+@pytest.mark.parametrize("method,batch,max_union", [("teal", 1, 0.6), ("cats", 1, 0.6), ("m-countdown", 1, 0.6),
+                                                    ("d-countdown", 1, 0.6), ("teal", 2, 1.0), ("cats", 2, 1.0),
+                                                    ("teal", 4, -1.0), ("cats", 4, -1.0)])
+def test_decode_step_traces_without_graph_breaks(method, batch, max_union, monkeypatch):
     """generate.py's decode step with the kernel path, under torch.compile(fullgraph=True)
-    (dynamo tracing, eager backend): a graph break is an error. Batch 2: the batch kernel; batch 4:
-    cuBLAS on the thresholded inputs (sparsity._dense_union)."""
+    (dynamo tracing, eager backend): a graph break is an error. Batch 2: the batch kernels; batch 4:
+    cuBLAS on the thresholded inputs (sparsity._dense_union) and CATS' formula."""
     import calibrate as cal
     import generate
     import sparsity as sp
+    monkeypatch.setattr(sp, "BATCH_KERNEL_MAX_UNION", max_union)
     cfg_m, model = tiny_model()
     cfg = cal.calibrate(model, torch.randint(0, 61, (2, 16), device=DEVICE), method=method, sparsity=0.5,
                         rank=8, progress=False)
@@ -451,15 +466,16 @@ def test_decode_step_traces_without_graph_breaks(method, batch, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs an sm_90+ GPU (on CPU, kernel_regs compiles it)")
-@pytest.mark.parametrize("method,batch", [(None, 1), ("teal", 1), ("top-theta", 1), ("cats", 1), ("teal", 2),
-                                          ("teal", 4)])
-def test_pdl_decode_equals_serial_launches(method, batch, monkeypatch):
+@pytest.mark.parametrize("method,batch,sparsity", [(None, 1, 0), ("teal", 1, 0.5), ("top-theta", 1, 0),
+                                                   ("cats", 1, 0.5), ("teal", 2, 0.8), ("m-countdown", 2, 0.7),
+                                                   ("teal", 4, 0.5)])
+def test_pdl_decode_equals_serial_launches(method, batch, sparsity, monkeypatch):
     """The compiled decode step (reduce-overhead: CUDA graphs) with every kernel launched by
     programmatic dependent launch gives the logits of serial launches bit for bit: no kernel
     reads or writes before it waits for the previous one (_await_previous). Real head sizes,
     a cache long enough for several key chunks merged in-kernel, grids of several waves;
-    CATS: gated_rows; batch 2: input_sparse_gemv's tl.dot form between compiled ops; batch 4: cuBLAS on the
-    thresholded inputs (sparsity.DENSE_UNION_FROM_BATCH)."""
+    CATS: gated_rows; batch 2 at high sparsity: input_sparse_gemv's tl.dot form and gated_rows between compiled ops;
+    batch 4 at 50%: cuBLAS on the thresholded inputs (sparsity.batch_kernel_pays)."""
     import calibrate as cal
     import sparsity as sp
     from model import ModelArgs, random_model
@@ -468,7 +484,7 @@ def test_pdl_decode_equals_serial_launches(method, batch, monkeypatch):
     model = random_model(cfg, device="cuda", dtype=torch.bfloat16)
     ctx, tokens = 1500, torch.randint(0, 512, (8,), device="cuda")
     if method:
-        kw = dict(attention="top-theta", k=64) if method == "top-theta" else dict(method=method, sparsity=0.5)
+        kw = dict(attention="top-theta", k=64) if method == "top-theta" else dict(method=method, sparsity=sparsity)
         sp.apply(model, cal.calibrate(model, torch.randint(0, 512, (1, 256), device="cuda"), progress=False, **kw))
     prompt = torch.randint(0, 512, (batch, ctx), device="cuda")
 
