@@ -615,7 +615,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1,
                     help="e2e: sequences decoded together, tok/s counts all of them (at batch 2-8 a site takes the "
                          "batch kernels where the union of kept rows is small, else cuBLAS: "
-                         "sparsity.batch_kernel_pays)")
+                         "sparsity.batch_kernel_pays; beyond kernels.MAX_BATCH = 8, the PyTorch reference)")
     ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")

@@ -155,6 +155,8 @@ def test_bench_e2e_row_names():
     assert bench.split_row("teal50-nopdl") == ("teal50", "nopdl")
     assert bench.split_row("dense-nopdl") == ("dense", "nopdl")
     assert bench.split_row("d-countdown70-masked") == ("d-countdown70", "masked")
+    assert bench.split_row("teal50-batchkernel") == ("teal50", "batchkernel")
+    assert bench.split_row("m-countdown70-cublas") == ("m-countdown70", "cublas")
     assert bench.split_row("top-theta") == ("top-theta", "")
     assert bench.split_row("dense-sdpa") == ("dense-sdpa", "")
     for name in ("teal50", "top-theta", "d-countdown-oracle70", "scap-unfused", "top-theta-nopdl"):
