@@ -319,6 +319,19 @@ def test_config_round_trip_and_errors(tiny, tiny_batches, tmp_path, smollm2):
             sp.check_sparsity_value(s)
 
 
+def test_calibration_uses_the_math_attention_kernel_on_cpu(tiny, tiny_batches, monkeypatch):
+    """calibrate and measure run dense attention through SDPA's math kernel on CPU (the flash kernel's bits
+    vary between processes, and so did the thresholds); the setting does not outlive them."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: seen.append(torch.backends.cuda.flash_sdp_enabled()) or real(*a, **k))
+    cfg = cal.calibrate(tiny, tiny_batches, method="teal", sparsity=0.5, progress=False)
+    cal.measure(tiny, cfg, tiny_batches, progress=False)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_calibrate_cli_bad_sparsity_one_line(tmp_path):
     p = subprocess.run([sys.executable, "calibrate.py", "--method", "teal", "--sparsity", "1.2", "--out",
                         str(tmp_path / "x.sparsity")], cwd=ROOT, capture_output=True, text=True)
