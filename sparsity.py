@@ -211,7 +211,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
     x: (B, S, dim). A GPU decode step runs the norm and the residual add inside its kernels."""
     m, st = mlp.method, mlp.stats
     kernel = _kernel_step(x, st)
-    if kernel and mlp.down_kernel is not None and batch_kernel_pays(x.shape[0], mlp.ratio or 0.0):
+    if kernel and mlp.down_kernel is not None and batch_kernel_pays(x.shape[0], mlp.down_kernel.sparsity):
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
