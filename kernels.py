@@ -19,8 +19,9 @@ captures them in the CUDA graph with no graph break.
    serves fused q/k/v with three thresholds. Split K: each K chunk writes an fp32 partial
    sum and the caller adds them in plain PyTorch, which torch.compile fuses into the next
    op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1: sparse_gemv's kernel (1b)
-   without its prologue and epilogue: each program walks its K chunk in small tiles into a 2-D
-   fp32 accumulator (one reduction at the end) and loads the next tile's x before the current
+   without its prologue and epilogue: each program walks its K chunk in small tiles into 2-D
+   fp32 accumulators (one reduction at the end; bf16 / fp16 weights read as one 32-bit word per
+   pair of columns, _column_pairs) and loads the next tile's x before the current
    tile's weights, so the x -> mask -> weight-load chain does not serialise. Batch 2..8: tl.dot
    on 16 padded rows; a weight row is read if any row of the batch needs it. Decode steps take it
    only where that union is small (sparsity.batch_kernel_pays); over most rows, cuBLAS on the
@@ -279,13 +280,45 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _sparse_tile(WT, offs_k, k_end, x, m, t, offs_n, n_ok, stride_wk):
+    def _column_pairs(WT, offs_k, offs_h, keep, n_out, stride_wk: tl.constexpr, PACKED: tl.constexpr,
+                      BOUNDS: tl.constexpr):
+        """Rows offs_k of WT (those with keep; the others read as zeros, not loaded) at the column
+        pairs offs_h, i.e. columns 2h and 2h + 1, as two fp32 tiles: the even columns, the odd ones.
+        PACKED (16-bit weights, even row stride, 4-byte aligned, even column count): one 32-bit
+        load per pair. Then bf16 to fp32 is one shift (even) or one AND (odd) per value, where the
+        conversion of a bf16 tile took about 1.5 instructions per value: the masked walk's loop fell
+        from 264 to 215 instructions per tile (down projection, sm_90 SASS; BENCHMARKS.md session
+        14). Otherwise (fp32 weights): a (rows, pairs, 2) tile, split. BOUNDS: mask columns >= n_out."""
+        if PACKED:
+            mask = keep[:, None]
+            if BOUNDS:
+                mask = mask & (offs_h < n_out // 2)[None, :]
+            w = tl.load(WT.to(tl.pointer_type(tl.int32)) + offs_k[:, None] * (stride_wk // 2) + offs_h[None, :],
+                        mask=mask, other=0)  # little-endian: the even column in the low half
+            if WT.dtype.element_ty == tl.bfloat16:  # a bf16 is the top half of an fp32
+                return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+            lo = w.to(tl.int16).to(tl.float16, bitcast=True)  # the truncation keeps the low half
+            hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+            return lo.to(tl.float32), hi.to(tl.float32)
+        offs_n = 2 * offs_h[:, None] + tl.arange(0, 2)[None, :]  # (pairs, 2): columns 2h, 2h + 1
+        mask = keep[:, None, None]
+        if BOUNDS:
+            mask = mask & (offs_n < n_out)[None, :, :]
+        w = tl.load(WT + offs_k[:, None, None] * stride_wk + offs_n[None, :, :], mask=mask, other=0.0)
+        return tl.split(w.to(tl.float32))
+
+    @triton.jit
+    def _sparse_tile(WT, offs_k, k_end, x, m, t, offs_h, n_out, stride_wk: tl.constexpr, PACKED: tl.constexpr,
+                     BOUNDS: tl.constexpr):
         """One tile: the thresholded inputs (x - m) * 1[|x - m| > t] and the weight rows of the
-        kept channels (the others are not loaded)."""
+        kept channels (the others are not loaded), as even and odd columns (_column_pairs).
+        BOUNDS False: the caller knows every channel is < k_end and every column < n_out."""
         c = x - m
-        keep = (tl.abs(c) > t) & (offs_k < k_end)
-        w = tl.load(WT + offs_k[:, None] * stride_wk + offs_n[None, :], mask=keep[:, None] & n_ok[None, :], other=0.0)
-        return tl.where(keep, c, 0.0), w
+        keep = tl.abs(c) > t
+        if BOUNDS:
+            keep = keep & (offs_k < k_end)
+        w_even, w_odd = _column_pairs(WT, offs_k, offs_h, keep, n_out, stride_wk, PACKED, BOUNDS)
+        return tl.where(keep, c, 0.0), w_even, w_odd
 
     @triton.jit
     def _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK: tl.constexpr, NORM: tl.constexpr,
@@ -318,12 +351,12 @@ if triton is not None:
         tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, K, N_OUT, col2, k_per_prog, split, stride_wk,
-                            stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
-                            NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
+    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, K, N_OUT, col2, k_per_prog, split,
+                            stride_wk: tl.constexpr, stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                            K_PAD: tl.constexpr, NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
                             SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
-                            PDL: tl.constexpr):
+                            PACKED: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -331,8 +364,12 @@ if triton is not None:
         elements in one load, from L2), so the threshold applies to the normalised value.
         Then the chunk in BLOCK_K tiles: a weight row is loaded only if its channel passes
         |x' - m| > t (t, m uniform within the block), the next tile's x loaded before this tile's
-        products, which go to a 2-D fp32 accumulator (one reduction at the end); COMPACT: over the
-        list of kept channels (_kept_channels), not every tile. MERGE (several K chunks): each
+        products, which go to 2-D fp32 accumulators, one for the even columns and one for the odd
+        (_column_pairs; one reduction at the end); COMPACT: over the list of kept channels
+        (_kept_channels), not every tile. stride_wk is a constexpr (one compile per weight shape):
+        the weight addresses are then cheaper, and gate+up's loop ran about 5% faster at 40-50%
+        sparsity (BENCHMARKS.md session 14). BOUNDS False: the chunks and column blocks tile K and
+        N exactly, so the walk has no bound masks. MERGE (several K chunks): each
         program stores its partial sums in P; the program that finishes its column block last (an
         atomic counter per block, reset by it afterwards) sums them and runs the epilogue
         (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel.
@@ -360,8 +397,12 @@ if triton is not None:
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
         offs = tl.arange(0, BLOCK_K)
-        acc1 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # column pairs (_column_pairs)
+        # fp32 accumulators of the even and the odd columns: the gate's (1) and the up projection's (2)
+        acc1e = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
+        acc1o = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
+        acc2e = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
+        acc2o = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
         if COMPACT:
             # The kept channels' indices first (this program's slot of S), then tiles of kept
             # channels only: the loop runs (1 - s) times as long and every loaded row is needed.
@@ -371,15 +412,18 @@ if triton is not None:
             idx = tl.load(S + offs, mask=offs < n, other=k_end)  # k_end: padding, masked below
             x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)
             for j in range(0, n, BLOCK_K):
-                xs1, w1 = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                xs1, w1e, w1o = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, True)
                 if SWIGLU:
-                    xs2, w2 = _sparse_tile(WT + col2, idx, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                    xs2, w2e, w2o = _sparse_tile(WT + col2, idx, k_end, x, m2, t2, offs_h, N_OUT, stride_wk,
+                                                 PACKED, True)
                 nxt = j + BLOCK_K + offs
                 idx = tl.load(S + nxt, mask=nxt < n, other=k_end)
                 x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)  # the next tile's x, before the products
-                acc1 += xs1[:, None] * w1.to(tl.float32)
+                acc1e += xs1[:, None] * w1e
+                acc1o += xs1[:, None] * w1o
                 if SWIGLU:
-                    acc2 += xs2[:, None] * w2.to(tl.float32)
+                    acc2e += xs2[:, None] * w2e
+                    acc2o += xs2[:, None] * w2o
         else:
             # Every tile of the chunk, offsets from the loop index. One loop for both walks (the
             # offsets carried across iterations, as the list's are) decoded TEAL 50% 2% slower on
@@ -387,17 +431,21 @@ if triton is not None:
             x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
             for kk in range(k0, k_end, BLOCK_K):
                 offs_k = kk + offs
-                xs1, w1 = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_n, n_ok, stride_wk)
+                xs1, w1e, w1o = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, BOUNDS)
                 if SWIGLU:
-                    xs2, w2 = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_n, n_ok, stride_wk)
+                    xs2, w2e, w2o = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_h, N_OUT, stride_wk,
+                                                 PACKED, BOUNDS)
                 nxt = offs_k + BLOCK_K
                 x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
-                acc1 += xs1[:, None] * w1.to(tl.float32)
+                acc1e += xs1[:, None] * w1e
+                acc1o += xs1[:, None] * w1o
                 if SWIGLU:
-                    acc2 += xs2[:, None] * w2.to(tl.float32)
+                    acc2e += xs2[:, None] * w2e
+                    acc2o += xs2[:, None] * w2o
         _launch_next(PDL)
-        y1 = tl.sum(acc1, 0)
-        y2 = tl.sum(acc2, 0)
+        # Each column's sum, the pairs interleaved back into column order.
+        y1 = tl.reshape(tl.join(tl.sum(acc1e, 0), tl.sum(acc1o, 0)), (BLOCK_N,))
+        y2 = tl.reshape(tl.join(tl.sum(acc2e, 0), tl.sum(acc2o, 0)), (BLOCK_N,))
         if MERGE:
             tl.store(P + pid_k * stride_p + offs_n, y1, mask=n_ok)
             if SWIGLU:
@@ -824,17 +872,27 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
 
 
 def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mode: bool, swiglu: bool, shift: bool,
-                       residual: bool, compact: bool):
+                       residual: bool, compact: bool, packed: bool):
     """How sparse_gemv launches _sparse_gemv_kernel (scripts/kernel_regs.py compiles the same):
-    grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps."""
+    grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps.
+    packed: the weights qualify for one 32-bit load per column pair (packed_pairs)."""
+    if block_n < 2:
+        raise ValueError(f"sparse_gemv: column blocks of {block_n}; the kernel reads columns in pairs, so the "
+                         "projection sizes must be even (block_n_for gives a power of two dividing them all)")
     cfg = gemv_launch_config(1, K, n_out, block_n, device)
     split = cfg["split"]
-    meta = dict(BLOCK_N=block_n,
+    meta = dict(BLOCK_N=block_n, PACKED=packed, BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0,
                 BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
                 HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),
                 COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), num_warps=cfg["num_warps"])
     return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
+
+
+def packed_pairs(wt: Tensor) -> bool:
+    """_sparse_gemv_kernel may load wt's (16-bit) column pairs as one 32-bit word each: 4-byte
+    aligned rows, an even number of columns."""
+    return wt.element_size() == 2 and wt.data_ptr() % 4 == 0 and wt.stride(0) % 2 == 0 and wt.shape[1] % 2 == 0
 
 
 def input_sparse_gemv_launch(B: int, K: int, N: int, block_n: int, device, mode: bool, dot_fp32: bool):
@@ -908,7 +966,7 @@ if triton is not None:
         m_ = m if m is not None else t
         if B == 1:  # the fused kernel's masked walk with no prologue or epilogue, the chunks' sums left unmerged
             _, k_per_prog, meta = sparse_gemv_launch(K, N, block_n, x.device, False, m is not None, False, False,
-                                                     False, False)
+                                                     False, False, packed_pairs(wt))
             unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y)  # no norm, shift, residual, merge or list
             _sparse_gemv_kernel[grid](X=x, WT=wt, T=t, M=m_, Y=y, K=K, N_OUT=N, col2=N, k_per_prog=k_per_prog,
                                       split=split, stride_wk=wt.stride(0), stride_p=y.stride(0), eps=0.0, **unused,
@@ -940,7 +998,7 @@ if triton is not None:
         assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
         x = x.contiguous()
         grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
-                                                    shift is not None, r is not None, compact)
+                                                    shift is not None, r is not None, compact, packed_pairs(wt))
         n_blocks, split = grid
         if split > 1 and counters.numel() < n_blocks:
             raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "

@@ -87,11 +87,11 @@ def sparse_gemv_cases():
                                                    ("down", 14336, 4096, False, False, True)):
         for compact in (False, True):
             grid, _, meta = kernels.sparse_gemv_launch(K, n_out, kernels.GEMV_TUNING["block_n"], None, norm, False,
-                                                       swiglu, False, residual, compact)
+                                                       swiglu, False, residual, compact, True)
             yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {grid[1]})",
                    kernels._sparse_gemv_kernel,
                    dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16),
-                   grid, meta)
+                   grid, dict(meta, stride_wk=2 * n_out if swiglu else n_out))
 
 
 def batch_cases(B=4):

@@ -122,6 +122,36 @@ def test_sparse_gemv(dtype, sparsity, fused, programs_per_sm, compact, monkeypat
         assert rel_err(y.float() - r.float(), ref - r.float()) < TOL[dtype] * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["divides", "unaligned"])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_sparse_gemv_weight_layouts(dtype, layout, swiglu, monkeypatch):
+    """The two ways sparse_gemv's walk reads weights, beyond test_sparse_gemv's odd shapes (bound masks,
+    column pairs as 32-bit words): shapes that the K chunks and column blocks divide (no bound masks,
+    as at the Llama shapes), and 16-bit weights whose rows start at odd addresses (no 32-bit words)."""
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=8))
+    K, N = (256, 128) if layout == "divides" else (200, 96)
+    full = torch.randn(K, N + (layout == "unaligned"), device=DEVICE).to(dtype)
+    wt = full[:, 1:] if layout == "unaligned" else full
+    assert kernels.packed_pairs(wt) == (layout == "divides")
+    n_out = N // 2 if swiglu else N
+    block_n = kernels.block_n_for([n_out])
+    _, _, meta = kernels.sparse_gemv_launch(K, n_out, block_n, wt.device, False, False, swiglu, False, False, False,
+                                            kernels.packed_pairs(wt))
+    assert meta["BOUNDS"] == (layout != "divides")
+    x = torch.randn(1, K, device=DEVICE).to(dtype)
+    t = torch.full((N,), thresholds_for(x, 0.5), device=DEVICE)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    y = kernels.sparse_gemv(x, wt, t, None, None, block_n, counters, swiglu=swiglu)
+    assert rel_err(y.float(), kernels.sparse_gemv_ref(x, wt, t, swiglu=swiglu)) < TOL[dtype]
+
+
+def test_sparse_gemv_refuses_odd_column_blocks():
+    x, wt, t = torch.randn(1, 64, device=DEVICE), torch.randn(64, 9, device=DEVICE), torch.zeros(9, device=DEVICE)
+    with pytest.raises(ValueError, match="even"):
+        kernels.sparse_gemv(x, wt, t, None, None, kernels.block_n_for([9]), torch.zeros(8, dtype=torch.int32))
+
+
 def test_sparse_gemv_refuses_short_counters(monkeypatch):
     monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=8))
     x, wt, t = torch.randn(1, 200, device=DEVICE), torch.randn(200, 96, device=DEVICE), torch.zeros(96, device=DEVICE)
