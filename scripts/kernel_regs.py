@@ -6,6 +6,11 @@ before a GPU visit.
 
     python scripts/kernel_regs.py             # Llama-3-8B shapes
     python scripts/kernel_regs.py --warps 4   # also: every kernel at 4 warps
+    python scripts/kernel_regs.py --loops     # also: SASS instructions per iteration of each loop
+
+A GEMV walk that issues many instructions per weight tile is slow even when it reads few rows
+(session 12's timeline); --loops counts them (nvdisasm, also from Triton's wheel), which is how
+session 14 found the bf16 unpacking and address arithmetic worth removing.
 
 Shapes: Llama-3-8B (dim 4096, 32 / 8 heads of 128, intermediate 14336), batch 1, bf16.
 """
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -47,9 +53,37 @@ def resident(regs: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps, 32)
 
 
-def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs: int, num_stages: int = 3) -> str:
+def loop_sizes(cubin: bytes) -> list:
+    """SASS instructions per iteration of each loop in the kernel (from a backward branch's target
+    to the branch), in code order, from the disassembly."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    labels, code, pending = {}, [], []
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.(L_x_\d+):", line):
+            pending.append(m.group(1))
+        elif m := re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line):
+            code.append((int(m.group(1), 16), m.group(2)))
+            labels.update((label, code[-1][0]) for label in pending)
+            pending = []
+    sizes = []
+    for addr, ins in code:
+        m = re.search(r"\bBRA\b.*\.(L_x_\d+)", ins)
+        if m and labels.get(m.group(1), addr) < addr:
+            sizes.append(sum(labels[m.group(1)] <= a <= addr for a, _ in code))
+    return sizes
+
+
+def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs: int, num_stages: int = 3,
+                  loops: bool = False) -> str:
     """ptxas -v's registers and spill bytes for fn compiled with these constexprs, how many
-    programs fit on an SM, and in how many waves a grid of `programs` runs on the H100."""
+    programs fit on an SM, and in how many waves a grid of `programs` runs on the H100
+    (loops: and the instructions per iteration of each loop, loop_sizes)."""
     sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in FLOATS else "i32")
            for n in fn.arg_names}
     div16 = [n for n in fn.arg_names if (n in pointers and n != "COUNT") or n in DIV16
@@ -76,7 +110,8 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
     spill = int(re.search(r"(\d+) bytes spill stores", out).group(1))
     fit = resident(regs, k.metadata.shared, num_warps)
     return (f"{regs:>3} registers, {spill:>4} B spilled, {k.metadata.shared:>6} B shared: {fit:>2} programs/SM, "
-            f"grid {programs:>4} = {programs / (fit * H100_SMS):4.2f} waves")
+            f"grid {programs:>4} = {programs / (fit * H100_SMS):4.2f} waves"
+            + (f"; loop instructions {loop_sizes(k.asm['cubin'])}" if loops else ""))
 
 
 def sparse_gemv_cases():
@@ -131,6 +166,7 @@ def gemv_cases():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warps", type=int, nargs="*", default=[], help="also compile every kernel at these num_warps")
+    ap.add_argument("--loops", action="store_true", help="also count the SASS instructions per loop iteration")
     a = ap.parse_args()
     kernels._num_sms = lambda device: H100_SMS  # split-K / key-chunk counts as on the H100 (no GPU here)
     print(f"Triton {triton.__version__}, sm_90a, {H100_SMS} SMs; registers per thread (255 max), spill stores")
@@ -139,7 +175,8 @@ def main():
         warps = c.pop("num_warps")
         stages = c.pop("num_stages", 3)
         for w in dict.fromkeys([warps, *a.warps]):
-            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, math.prod(grid), stages)}", flush=True)
+            print(f"{label:<70} {w} warps: {compile_stats(fn, pointers, c, w, math.prod(grid), stages, a.loops)}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -659,13 +659,16 @@ def test_model_decode_theta_attention_kernel_equals_reference(sdc, monkeypatch):
 def test_kernels_compile_for_sm90():
     """scripts/kernel_regs.py compiles every decode-path kernel variant for an H100 with Triton's
     own compiler and ptxas (no GPU needed): code the interpreter accepts but the GPU compiler
-    rejects fails here, and each line reports registers and spills."""
+    rejects fails here, and each line reports registers, spills and (--loops) the instructions per
+    iteration of the kernel's loops, which every one of these kernels has."""
     import os
+    import re
     import subprocess
     import sys
     from conftest import ROOT
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py")], capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_regs.py"), "--loops"], capture_output=True,
+                         text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "warps:" in line]
     assert len(lines) == 3 + 8 + 3 + 3 and all("registers" in line and "waves" in line for line in lines), out.stdout
+    assert all(re.search(r"loop instructions \[[1-9]\d+", line) for line in lines), out.stdout
