@@ -137,6 +137,17 @@ def batch_cases(B=4):
                dict(X=BF16, WT=BF16, T=F32, M=F32, Y=F32), grid, meta)
 
 
+def gated_cases():
+    """gated_rows at batch 1 (GATED_TUNING, x and rows as 32-bit pairs) over the Llama-3-8B MLP's 14336 rows: one
+    weight (CATS, M-COUNTDOWN) and two (D-COUNTDOWN)."""
+    tn = kernels.GATED_TUNING
+    for mode, label in ((0, "CATS / M-COUNTDOWN"), (2, "D-COUNTDOWN")):
+        yield (f"gated_rows {label}, batch 1", kernels._gated_rows_kernel,
+               dict(X=BF16, W1=BF16, W2=BF16, P=BF16, Y=F32), (14336 // tn["block_n"],),
+               dict(MODE=mode, B_PAD=1, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"], PACKED=True,
+                    num_warps=tn["num_warps"]))
+
+
 def attention_cases(L=8192):
     """decode_attention (dense, chunks merged in-kernel) and theta_attention (the chunks' states, their merge)."""
     for dense in (True, False):
@@ -170,7 +181,8 @@ def main():
     a = ap.parse_args()
     kernels._num_sms = lambda device: H100_SMS  # split-K / key-chunk counts as on the H100 (no GPU here)
     print(f"Triton {triton.__version__}, sm_90a, {H100_SMS} SMs; registers per thread (255 max), spill stores")
-    for label, fn, pointers, grid, meta in (*gemv_cases(), *sparse_gemv_cases(), *batch_cases(), *attention_cases()):
+    for label, fn, pointers, grid, meta in (*gemv_cases(), *sparse_gemv_cases(), *batch_cases(), *gated_cases(),
+                                            *attention_cases()):
         c = dict(meta, PDL=True)  # programmatic dependent launch, as on the H100
         warps = c.pop("num_warps")
         stages = c.pop("num_stages", 3)

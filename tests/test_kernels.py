@@ -275,13 +275,15 @@ def decode_errors(model, dtype, monkeypatch, prepare=lambda model: None):
     return err_kernel, err_torch
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-def test_gated_rows(dtype, B, mode, sparsity):
-    K, N = 150, 77  # odd shapes
+@pytest.mark.parametrize("K", [150, 151])  # batch 1, 16-bit: pairs of channels as 32-bit words / not (odd K)
+def test_gated_rows(dtype, B, mode, sparsity, K):
+    N = 77  # odd
     x = torch.randn(B, K, device=DEVICE).to(dtype)
+    assert kernels.packed_pairs(x) == (dtype != torch.float32 and K % 2 == 0)
     w1 = torch.randn(N, K, device=DEVICE).to(dtype)
     w2 = torch.randn(N, K, device=DEVICE).to(dtype)
     p = torch.randn(B, N, device=DEVICE).to(dtype)
@@ -670,5 +672,6 @@ def test_kernels_compile_for_sm90():
                          text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "warps:" in line]
-    assert len(lines) == 3 + 8 + 3 + 3 and all("registers" in line and "waves" in line for line in lines), out.stdout
+    assert len(lines) == 3 + 8 + 3 + 2 + 3, out.stdout
+    assert all("registers" in line and "waves" in line for line in lines), out.stdout
     assert all(re.search(r"loop instructions \[[1-9]\d+", line) for line in lines), out.stdout
