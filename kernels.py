@@ -298,7 +298,8 @@ if triton is not None:
         load per pair. Then bf16 to fp32 is one shift (even) or one AND (odd) per value, where the
         conversion of a bf16 tile took about 1.5 instructions per value: the masked walk's loop fell
         from 264 to 215 instructions per tile (down projection, sm_90 SASS; BENCHMARKS.md session
-        14). Otherwise (fp32 weights): a (rows, pairs, 2) tile, split. BOUNDS: mask columns >= n_out."""
+        14). Otherwise (fp32 weights, 16-bit rows at odd addresses): a (rows, pairs, 2) tile, split.
+        BOUNDS: mask columns >= n_out."""
         if PACKED:
             mask = keep[:, None]
             if BOUNDS:
@@ -914,7 +915,9 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
                          "projection sizes must be even (block_n_for gives a power of two dividing them all)")
     cfg = gemv_launch_config(1, K, n_out, block_n, device)
     split = cfg["split"]
-    meta = dict(BLOCK_N=block_n, PACKED=packed, BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0,
+    # packed also needs an even n_out: with SwiGLU the up block starts n_out columns in
+    meta = dict(BLOCK_N=block_n, PACKED=packed and n_out % 2 == 0,
+                BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0,
                 BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
                 HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),

@@ -146,6 +146,21 @@ def test_sparse_gemv_weight_layouts(dtype, layout, swiglu, monkeypatch):
     assert rel_err(y.float(), kernels.sparse_gemv_ref(x, wt, t, swiglu=swiglu)) < TOL[dtype]
 
 
+def test_sparse_gemv_swiglu_odd_halves(monkeypatch):
+    """[gate; up] with an odd number of columns each: the up block starts at an odd column, so the
+    pairs of 16-bit columns are not 32-bit aligned there and the walk must not read them as words."""
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=64, programs_per_sm=8))
+    K, n_out = 128, 45
+    x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
+    wt = torch.randn(K, 2 * n_out, device=DEVICE).to(torch.bfloat16)
+    assert kernels.packed_pairs(wt)  # the merged weight alone would qualify
+    _, _, meta = kernels.sparse_gemv_launch(K, n_out, 2, wt.device, False, False, True, False, False, False, True)
+    assert not meta["PACKED"]  # (the interpreter reads misaligned words fine; a GPU would fault)
+    t = torch.full((2 * n_out,), thresholds_for(x, 0.5), device=DEVICE)
+    y = kernels.sparse_gemv(x, wt, t, None, None, 2, torch.zeros(64, dtype=torch.int32, device=DEVICE), swiglu=True)
+    assert rel_err(y.float(), kernels.sparse_gemv_ref(x, wt, t, swiglu=True)) < TOL[torch.bfloat16]
+
+
 def test_sparse_gemv_refuses_odd_column_blocks():
     x, wt, t = torch.randn(1, 64, device=DEVICE), torch.randn(64, 9, device=DEVICE), torch.zeros(9, device=DEVICE)
     with pytest.raises(ValueError, match="even"):
