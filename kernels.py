@@ -541,8 +541,6 @@ if triton is not None:
             keep = p > 0
         keep = keep & io_mask
         row = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_N,): read row n if any sequence keeps it
-        acc1 = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
-        acc2 = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
         if PACKED:
             acc1p = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)  # one per pair: half the registers
             acc2p = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
@@ -563,18 +561,21 @@ if triton is not None:
                     acc2p += w2o * xo[None, :]
             acc1 = tl.sum(acc1p, 1)[None, :]
             acc2 = tl.sum(acc2p, 1)[None, :]
-        for k0 in range(0, 0 if PACKED else K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
-                        mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (B_PAD, BLOCK_K)
-            wmask = row[:, None] & k_ok[None, :]
-            w1 = tl.load(W1 + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc1 += tl.sum(x[:, None, :] * w1[None, :, :], axis=2)
-            if MODE == 2:
-                w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wmask,
-                             other=0.0).to(tl.float32)
-                acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
+        else:
+            acc1 = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            acc2 = tl.zeros((B_PAD, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :],
+                            mask=b_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # (B_PAD, BLOCK_K)
+                wmask = row[:, None] & k_ok[None, :]
+                w1 = tl.load(W1 + offs_n[:, None] * stride_w1 + offs_k[None, :], mask=wmask, other=0.0).to(tl.float32)
+                acc1 += tl.sum(x[:, None, :] * w1[None, :, :], axis=2)
+                if MODE == 2:
+                    w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wmask,
+                                 other=0.0).to(tl.float32)
+                    acc2 += tl.sum(x[:, None, :] * w2[None, :, :], axis=2)
         _launch_next(PDL)
         if MODE == 0:
             s = a * acc1
