@@ -53,16 +53,23 @@ def resident(regs: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), 233472 // (shared + 1024), 64 // num_warps, 32)
 
 
+def run_on_file(argv: list, data, suffix: str) -> subprocess.CompletedProcess:
+    """argv with the path of a temporary file holding data (str or bytes) appended, its output
+    captured; the file removed afterwards."""
+    with tempfile.NamedTemporaryFile("wb" if isinstance(data, bytes) else "w", suffix=suffix, delete=False) as f:
+        f.write(data)
+    try:
+        return subprocess.run([*argv, f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+
+
 def loop_sizes(cubin: bytes) -> list:
     """SASS instructions per iteration of each loop in the kernel (from a backward branch's target
     to the branch), in code order, from the disassembly."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(f.name)
+    run = run_on_file([knobs.nvidia.nvdisasm.path, "-c"], cubin, ".cubin")
+    run.check_returncode()
+    sass = run.stdout
     labels, code, pending = {}, [], []
     for line in sass.splitlines():
         if m := re.match(r"\s*\.(L_x_\d+):", line):
@@ -96,13 +103,7 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
     # the wheel's binary hard-coded, this exited 255 under pytest on the GPU machine (session 9); with
     # Triton's own, the test passed there (session 10). ptxas's message comes with a failure.
     ptxas = get_ptxas(90).path
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        run = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
+    run = run_on_file([str(ptxas), "-v", "--gpu-name", "sm_90a", "-o", os.devnull], ptx, ".ptx")
     if run.returncode != 0:
         raise RuntimeError(f"{ptxas} exited {run.returncode} on {fn.__name__}: {(run.stderr + run.stdout)[-800:]}")
     out = run.stderr
