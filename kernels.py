@@ -639,7 +639,10 @@ if triton is not None:
         """One program: one KV head (its REP query heads together) over one chunk of keys.
         Top-Theta: THETA (H, n_cols) per head and visible-key count, see _theta_threshold.
         K rows are all read (every score is needed); a V row is read only if a query head of
-        the group keeps its score. Writes the chunk's online-softmax state over kept scores
+        the group keeps its score. Those V rows wait for the block's scores, so they are used one
+        block later: the load is in flight during the next block's K rows and scores, where
+        using them at once left its latency exposed in every block (8k keys: 14.1 against
+        18.6 us, BENCHMARKS.md session 16). Writes the chunk's online-softmax state over kept scores
         (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
         SDC mode needs: l_a, the exp-sum over all scores (exact), or the dropped count (theta).
         DENSE: every visible score kept (dense decode attention): V rows are loaded with the
@@ -678,6 +681,9 @@ if triton is not None:
         n_drop = tl.zeros((REP_PAD,), tl.float32)
         arg = tl.zeros((REP_PAD,), tl.int32)
         acc = tl.zeros((REP_PAD, D_PAD), tl.float32)
+        p_prev = tl.zeros((REP_PAD, BLOCK_L), tl.float32)  # Top-Theta: the previous block's weights,
+        a_prev = tl.full((REP_PAD,), 1.0, tl.float32)  # its rescale of acc
+        v_prev = tl.zeros((BLOCK_L, D_PAD), V.dtype.element_ty)  # and its V rows (zeros: no block yet)
         k_base = K + b * stride_kb + hk * stride_kh
         v_base = V + b * stride_vb + hk * stride_vh
         for j0 in range(start, end, BLOCK_L):
@@ -714,11 +720,14 @@ if triton is not None:
             alpha = tl.exp(m_k - mk_safe)
             p = tl.where(keep, tl.exp(a - mk_safe[:, None]), 0.0)
             l_k = l_k * alpha + tl.sum(p, 1)
-            if DOT_FP32:
-                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            if DENSE:
+                acc = _add_pv(acc, alpha, p, vt, DOT_FP32)
+            else:  # this block's V rows are in flight: the previous block's products now
+                acc = _add_pv(acc, a_prev, p_prev, v_prev, DOT_FP32)
+                p_prev, a_prev, v_prev = p, alpha, vt
             m_k = mk_new
+        if not DENSE:
+            acc = _add_pv(acc, a_prev, p_prev, v_prev, DOT_FP32)  # the last block's
         _launch_next(PDL)
         if NORMALIZE:  # dense, one chunk: the output itself
             _store_dense_output(OUT, acc, l_k, b * Hkv * REP + heads, r_ok, offs_d, d_ok, D)
@@ -747,6 +756,14 @@ if triton is not None:
                                                 MERGE_BLOCK)
                     _store_dense_output(OUT, g_acc, g_lk, b * Hkv * REP + g_heads, h_ok, offs_d, d_ok, D)
                     tl.store(COUNT + pid_bh, 0)
+
+    @triton.jit
+    def _add_pv(acc, alpha, p, vt, DOT_FP32: tl.constexpr):
+        """One key block into the attention accumulator: acc rescaled by alpha (per head) plus the
+        block's weights p (heads, keys) times its V rows vt (keys, D)."""
+        if DOT_FP32:
+            return acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+        return acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
 
     @triton.jit
     def _store_dense_output(OUT, acc, l_k, rows, ok, offs_d, d_ok, D: tl.constexpr):
@@ -782,7 +799,6 @@ if triton is not None:
         issued at once (one round trip to L2 when every chunk fits), online over the loads (the
         running maximum, earlier sums rescaled to it). Writes OUT (B * H, D) in its dtype."""
         _await_previous(PDL)
-        _launch_next(PDL)  # a small grid: the next kernel's programs may take the free slots now
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -832,6 +848,9 @@ if triton is not None:
             out = tl.load(V + b * stride_vb + (h // REP) * stride_vh + j * stride_vl + offs_d, mask=d_ok,
                           other=0.0).to(tl.float32)
         tl.store(OUT + pid * D + offs_d, (out / denom).to(OUT.dtype.element_ty), mask=d_ok)
+        # The next kernel's programs scheduled at the end, as the others do: triggered at the top, with
+        # this grid small, decode at 8k context was 0.6% slower (BENCHMARKS.md session 16).
+        _launch_next(PDL)
 
     @triton.jit
     def _merged_state(ACC, STATS, b, heads, h_ok, offs_d, d_ok, n_split, stride_ab, stride_ah, stride_as,
