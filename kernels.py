@@ -641,7 +641,7 @@ if triton is not None:
         K rows are all read (every score is needed); a V row is read only if a query head of
         the group keeps its score. Those V rows wait for the block's scores, so they are used one
         block later: the load is in flight during the next block's K rows and scores, where
-        using them at once left its latency exposed in every block (8k keys: 14.1 against
+        using them at once left its latency exposed in every block (8k keys, 3% kept: 14.1 against
         18.6 us, BENCHMARKS.md session 16). Writes the chunk's online-softmax state over kept scores
         (m_k, l_k, acc), the maximum over all scores and its argmax (m_a, arg), and what its
         SDC mode needs: l_a, the exp-sum over all scores (exact), or the dropped count (theta).
