@@ -304,7 +304,10 @@ if triton is not None:
             mask = keep[:, None]
             if BOUNDS:
                 mask = mask & (offs_h < n_out // 2)[None, :]
-            w = tl.load(WT.to(tl.pointer_type(tl.int32)) + offs_k[:, None] * (stride_wk // 2) + offs_h[None, :],
+            # The offsets summed first, then one pointer add: ptxas schedules the walk differently (the qkv site's
+            # kept-channel loop 250 -> 242 SASS instructions per tile), and TEAL 50% decoded 0.8-0.9% faster end to
+            # end (H100, one process, BENCHMARKS.md session 17). Grouped so in gated_rows, it ran 7-34% slower.
+            w = tl.load(WT.to(tl.pointer_type(tl.int32)) + (offs_k[:, None] * (stride_wk // 2) + offs_h[None, :]),
                         mask=mask, other=0)
             return _halves(w, WT.dtype.element_ty)
         offs_n = 2 * offs_h[:, None] + tl.arange(0, 2)[None, :]  # (pairs, 2): columns 2h, 2h + 1
