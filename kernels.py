@@ -28,7 +28,7 @@ captures them in the CUDA graph with no graph break.
    thresholded input is faster.
 
 1b. sparse_gemv: the batch-1 decode form of input_sparse_gemv with everything around it fused,
-   so that a sparse decode step has as few kernels as a dense one (6 per layer): the RMSNorm
+   so that a sparse decode step has as few kernels as a dense one (5 per layer at batch 1): the RMSNorm
    before the projection (each program sums x^2 over all of x first; thresholds apply to the
    normalised value), the K chunks' partial sums added by the program that finishes a column
    block last (an atomic counter per block, in the step's window tensor), then + W m, SiLU(gate)
@@ -62,8 +62,12 @@ captures them in the CUDA graph with no graph break.
    score kept (dense decode attention; V rows loaded with K rows, chunks merged in the kernel
    by the program that finishes last).
 
-4. rope_kv_update: a decode step's RoPE on q and k and the KV-cache write of k and v, one
-   small kernel per layer (torch.compile made three of them: launch gaps, not bytes).
+4. RoPE and the KV-cache write of a decode step: at batch 1, in the q/k/v GEMV's epilogue
+   (gemv_rope, sparse_gemv_rope: each column block holds half a head's first-half columns and
+   their rotate-half partners, so the merging program rotates the fp32 sums it already has;
+   5 kernels per layer). Dense +0.7%, TEAL 50% +1.0% end to end on an H100 (BENCHMARKS.md
+   session 18). Otherwise (batch 2-8, a q/k/v bias) rope_kv_update after the projection, one
+   small kernel (torch.compile made three of them: launch gaps, not bytes).
 
 Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs), ACTSPARSE_PDL=0 to launch
 each kernel only after the previous one ended (no programmatic dependent launch, see PDL).
@@ -228,17 +232,62 @@ if triton is not None:
             gdc_launch_dependents()
 
     @triton.jit
-    def _gemv_kernel(X, W1, W2, G, R, Y, K, N, stride_w1, stride_w2, eps, SWIGLU: tl.constexpr,
-                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _rope_columns(pid, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        """The output columns of column block pid of a q/k/v projection whose epilogue applies RoPE
+        (_rope_store): BLOCK_N // 2 consecutive columns of one head's first half, then, in the same
+        order, their rotate-half partners HEAD_D // 2 further on. Every column once over the blocks."""
+        per_head: tl.constexpr = HEAD_D // BLOCK_N
+        col0 = (pid // per_head) * HEAD_D + (pid % per_head) * (BLOCK_N // 2)
+        r = tl.arange(0, BLOCK_N)
+        return col0, col0 + r % (BLOCK_N // 2) + (r // (BLOCK_N // 2)) * (HEAD_D // 2)
+
+    @triton.jit
+    def _rope_store(y, col0, Q, COS, SIN, POS, KC, VC, q_cols, n_cols, stride_ch, stride_cl,
+                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        """Epilogue of a batch-1 q/k/v GEMV with RoPE: y (fp32), the sums of the columns of the
+        block that starts at col0 (_rope_columns). A q or k head is rotated (rotate-half RoPE in
+        fp32 with the position's cos / sin rows, as rope_kv_update_ref); q goes to Q (H x HEAD_D),
+        k and v into the caches (Hkv, L, HEAD_D; equal strides) at row POS."""
+        a, b = tl.split(tl.trans(tl.reshape(y, (2, BLOCK_N // 2))))  # first-half columns, their partners
+        col = col0 + tl.arange(0, BLOCK_N // 2)
+        d = col % HEAD_D  # < HEAD_D // 2
+        kv_cols = (n_cols - q_cols) // 2
+        # Loaded whatever the head, before any branch: they can issue with the loads of the sums
+        c1 = tl.load(COS + d).to(tl.float32)
+        s1 = tl.load(SIN + d).to(tl.float32)
+        c2 = tl.load(COS + HEAD_D // 2 + d).to(tl.float32)
+        s2 = tl.load(SIN + HEAD_D // 2 + d).to(tl.float32)
+        pos = tl.load(POS)
+        is_qk = col0 < q_cols + kv_cols  # a q or k head, rotated; a v head is stored as it is
+        a, b = tl.where(is_qk, a * c1 - b * s1, a), tl.where(is_qk, b * c2 + a * s2, b)
+        if col0 < q_cols:
+            tl.store(Q + col, a.to(Q.dtype.element_ty))
+            tl.store(Q + col + HEAD_D // 2, b.to(Q.dtype.element_ty))
+        else:
+            kv = col - q_cols - tl.where(is_qk, 0, kv_cols)  # column in the k part, or in the v part
+            row = tl.where(is_qk, KC, VC) + (kv // HEAD_D) * stride_ch + pos * stride_cl + d
+            tl.store(row, a.to(KC.dtype.element_ty))
+            tl.store(row + HEAD_D // 2, b.to(KC.dtype.element_ty))
+
+    @triton.jit
+    def _gemv_kernel(X, W1, W2, G, R, Y, K, N, stride_w1, stride_w2, eps, COS, SIN, POS, KC, VC, q_cols, stride_ch,
+                     stride_cl, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                     ROPE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      STAGES: tl.constexpr, PDL: tl.constexpr):
         """Dense batch-1 GEMV over BLOCK_N weight rows (whole K per program, no split): a 2-D
         fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u.
         NORM: the input is RMSNorm(x) * G. Every program walks all of x anyway, so it sums x^2
         on the way and scales its dot products by 1/rms at the end (W (x*G) / rms): the norm
-        costs no extra pass and no kernel of its own. RESIDUAL: adds R (the residual stream)."""
+        costs no extra pass and no kernel of its own. RESIDUAL: adds R (the residual stream).
+        ROPE (q/k/v, heads of HEAD_D): each program's rows are half from a head's first half, half
+        their rotate-half partners, and the epilogue writes RoPE(q) to Y and RoPE(k), v into the
+        caches KC, VC at POS (_rope_store): no kernel of its own."""
         _await_previous(PDL)
         pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            col0, offs_n = _rope_columns(pid, BLOCK_N, HEAD_D)
+        else:
+            offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs = tl.arange(0, BLOCK_K)
         acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -269,7 +318,10 @@ if triton is not None:
             y = y / (1.0 + tl.exp(-y)) * y2
         if RESIDUAL:
             y += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
+        if ROPE:
+            _rope_store(y, col0, Y, COS, SIN, POS, KC, VC, q_cols, N, stride_ch, stride_cl, BLOCK_N, HEAD_D)
+        else:
+            tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _sparse_x(X, G, offs_k, k_ok, inv_rms, NORM: tl.constexpr):
@@ -346,10 +398,11 @@ if triton is not None:
         return tl.sum(keep, 0)
 
     @triton.jit
-    def _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                         RESIDUAL: tl.constexpr):
+    def _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, col0, N_OUT, ROPE_ARGS, SWIGLU: tl.constexpr,
+                         HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_D: tl.constexpr):
         """Epilogue of _sparse_gemv_kernel on a finished block of sums: + W m, SiLU(gate) * up,
-        + residual, stored in Y's dtype."""
+        + residual, stored in Y's dtype; or ROPE: + W m, RoPE and the KV-cache write (_rope_store)."""
         if HAS_SHIFT:
             y1 += tl.load(SHIFT + offs_n, mask=n_ok, other=0.0)
             if SWIGLU:
@@ -358,15 +411,21 @@ if triton is not None:
             y1 = y1 / (1.0 + tl.exp(-y1)) * y2
         if RESIDUAL:
             y1 += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
+        if ROPE:
+            COS, SIN, POS, KC, VC, q_cols, stride_ch, stride_cl = ROPE_ARGS
+            _rope_store(y1, col0, Y, COS, SIN, POS, KC, VC, q_cols, N_OUT, stride_ch, stride_cl, BLOCK_N, HEAD_D)
+        else:
+            tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, K, N_OUT, col2, k_per_prog, split,
-                            stride_wk: tl.constexpr, stride_p, eps, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                            K_PAD: tl.constexpr, NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
+                            stride_wk: tl.constexpr, stride_p, eps, COS, SIN, POS, KC, VC, q_cols, stride_ch,
+                            stride_cl, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
+                            NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
                             SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
-                            PACKED: tl.constexpr, BOUNDS: tl.constexpr, PDL: tl.constexpr):
+                            PACKED: tl.constexpr, BOUNDS: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr,
+                            PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -383,22 +442,32 @@ if triton is not None:
         program stores its partial sums in P; the program that finishes its column block last (an
         atomic counter per block, reset by it afterwards) sums them and runs the epilogue
         (+ W m, SiLU(gate) * up, + residual R) and writes Y in Y's dtype: no reduction kernel.
-        Several chunks without MERGE (input_sparse_gemv's batch 1): chunk k's sums in row k of Y."""
+        Several chunks without MERGE (input_sparse_gemv's batch 1): chunk k's sums in row k of Y.
+        ROPE (q/k/v, heads of HEAD_D): a column block is half a head's first-half columns, half their
+        rotate-half partners (_rope_columns; the pairs in two runs), and the epilogue writes RoPE(q)
+        to Y and RoPE(k), v into the caches KC, VC at POS (_rope_store): no kernel of its own."""
         _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            col0, offs_n = _rope_columns(pid_n, BLOCK_N, HEAD_D)
+            r = tl.arange(0, BLOCK_N // 2)  # the same columns as pairs (_column_pairs): two runs
+            offs_h = col0 // 2 + r % (BLOCK_N // 4) + (r // (BLOCK_N // 4)) * (HEAD_D // 4)
+        else:
+            col0 = pid_n * BLOCK_N
+            offs_n = col0 + tl.arange(0, BLOCK_N)
+            offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # column pairs (_column_pairs)
         n_ok = offs_n < N_OUT
-        t1 = tl.load(T + pid_n * BLOCK_N)
+        t1 = tl.load(T + col0)
         t2 = t1
         m1 = 0.0
         m2 = 0.0
         if HAS_MODE:
-            m1 = tl.load(M + pid_n * BLOCK_N)
+            m1 = tl.load(M + col0)
         if SWIGLU:
-            t2 = tl.load(T + col2 + pid_n * BLOCK_N)
+            t2 = tl.load(T + col2 + col0)
             if HAS_MODE:
-                m2 = tl.load(M + col2 + pid_n * BLOCK_N)
+                m2 = tl.load(M + col2 + col0)
         inv_rms = 1.0
         if NORM:
             offs_all = tl.arange(0, K_PAD)
@@ -407,7 +476,6 @@ if triton is not None:
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
         offs = tl.arange(0, BLOCK_K)
-        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # column pairs (_column_pairs)
         # fp32 accumulators of the even and the odd columns: the gate's (1) and the up projection's (2)
         acc1e = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
         acc1o = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
@@ -454,6 +522,7 @@ if triton is not None:
                     acc2o += xs2[:, None] * w2o
         _launch_next(PDL)
         # Each column's sum, the pairs interleaved back into column order.
+        rope = (COS, SIN, POS, KC, VC, q_cols, stride_ch, stride_cl)
         y1 = tl.reshape(tl.join(tl.sum(acc1e, 0), tl.sum(acc1o, 0)), (BLOCK_N,))
         y2 = tl.reshape(tl.join(tl.sum(acc2e, 0), tl.sum(acc2o, 0)), (BLOCK_N,))
         if MERGE:
@@ -471,10 +540,12 @@ if triton is not None:
                 y1 = tl.sum(tl.load(p_rows, mask=p_ok, other=0.0, cache_modifier=".cg"), 0)
                 if SWIGLU:
                     y2 = tl.sum(tl.load(p_rows + col2, mask=p_ok, other=0.0, cache_modifier=".cg"), 0)
-                _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
+                _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y, col2, col0, N_OUT, rope, SWIGLU, HAS_SHIFT,
+                                 RESIDUAL, ROPE, BLOCK_N, HEAD_D)
                 tl.store(COUNT + pid_n, 0)
         else:  # one chunk; or, for input_sparse_gemv (no epilogue), each chunk's partial sums in its row of Y
-            _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y + pid_k * stride_p, col2, SWIGLU, HAS_SHIFT, RESIDUAL)
+            _sparse_gemv_out(y1, y2, offs_n, n_ok, SHIFT, R, Y + pid_k * stride_p, col2, col0, N_OUT, rope, SWIGLU,
+                             HAS_SHIFT, RESIDUAL, ROPE, BLOCK_N, HEAD_D)
 
     @triton.jit
     def _input_sparse_gemv_kernel(X, WT, T, M, Y, B, K, N, stride_xb, stride_wk, stride_ys, stride_yb,
@@ -929,10 +1000,11 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
 
 
 def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mode: bool, swiglu: bool, shift: bool,
-                       residual: bool, compact: bool, packed: bool):
+                       residual: bool, compact: bool, packed: bool, head_d: int = 0):
     """How sparse_gemv launches _sparse_gemv_kernel (scripts/kernel_regs.py compiles the same):
     grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps.
-    packed: the weights qualify for one 32-bit load per column pair (packed_pairs)."""
+    packed: the weights qualify for one 32-bit load per column pair (packed_pairs).
+    head_d: q/k/v with RoPE in the epilogue, heads of head_d (sparse_gemv_rope; 0: none)."""
     if block_n < 2:
         raise ValueError(f"sparse_gemv: column blocks of {block_n}; the kernel reads columns in pairs, so the "
                          "projection sizes must be even (block_n_for gives a power of two dividing them all)")
@@ -944,7 +1016,8 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
                 BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
                 HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),
-                COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), num_warps=cfg["num_warps"])
+                COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), ROPE=head_d > 0, HEAD_D=head_d,
+                num_warps=cfg["num_warps"])
     return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
 
 
@@ -964,12 +1037,24 @@ def input_sparse_gemv_launch(B: int, K: int, N: int, block_n: int, device, mode:
     return (triton.cdiv(N, block_n), split), dict(cfg, B_PAD=16, HAS_MODE=mode, DOT_FP32=dot_fp32 or INTERPRET)
 
 
-def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool):
-    """How gemv launches _gemv_kernel: grid and constexprs + num_warps (DENSE_ / SWIGLU_TUNING)."""
+def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool, head_d: int = 0):
+    """How gemv launches _gemv_kernel: grid and constexprs + num_warps (DENSE_ / SWIGLU_TUNING).
+    head_d: q/k/v with RoPE in the epilogue, heads of head_d (gemv_rope; 0: none)."""
     tn = SWIGLU_TUNING if swiglu else DENSE_TUNING
-    return (triton.cdiv(N, tn["block_n"]),), dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, BLOCK_N=tn["block_n"],
-                                                  BLOCK_K=tn["block_k"], STAGES=tn["num_stages"],
-                                                  num_warps=tn["num_warps"])
+    return (triton.cdiv(N, tn["block_n"]),), dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, ROPE=head_d > 0,
+                                                  HEAD_D=head_d, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"],
+                                                  STAGES=tn["num_stages"], num_warps=tn["num_warps"])
+
+
+def rope_fusable(n_cols: int, block_n: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
+                 v_cache: Tensor, n_heads: int) -> bool:
+    """Can a batch-1 q/k/v GEMV with block_n columns per program apply RoPE and write the caches in
+    its epilogue (_rope_columns: a block is half first-half columns of one head, half their
+    partners)? rope_kv_update's arguments after qkv; n_cols: q/k/v's columns."""
+    D = k_cache.shape[3]
+    return (n_cols == (n_heads + 2 * k_cache.shape[1]) * D and D % block_n == 0 and block_n % 4 == 0
+            and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.dtype == v_cache.dtype
+            and cos.is_contiguous() and sin.is_contiguous())
 
 
 def attention_tuning(dense: bool) -> dict:
@@ -1028,7 +1113,8 @@ if triton is not None:
         if B == 1:  # the fused kernel's masked walk with no prologue or epilogue, the chunks' sums left unmerged
             _, k_per_prog, meta = sparse_gemv_launch(K, N, block_n, x.device, False, m is not None, False, False,
                                                      False, False, packed_pairs(wt))
-            unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y)  # no norm, shift, residual, merge or list
+            unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y, COS=y, SIN=y, POS=y, KC=y, VC=y, q_cols=0,
+                          stride_ch=0, stride_cl=0)  # no norm, shift, residual, merge, list or RoPE
             _sparse_gemv_kernel[grid](X=x, WT=wt, T=t, M=m_, Y=y, K=K, N_OUT=N, col2=N, k_per_prog=k_per_prog,
                                       split=split, stride_wk=wt.stride(0), stride_p=y.stride(0), eps=0.0, **unused,
                                       **dict(meta, MERGE=False), **pdl_args(x))
@@ -1043,6 +1129,37 @@ if triton is not None:
         cfg = gemv_launch_config(x.shape[0], x.shape[1], wt.shape[1], block_n, x.device)
         return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
 
+    def _launch_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
+                            block_n: int, counters: Tensor, g: Optional[Tensor], eps: float, r: Optional[Tensor],
+                            swiglu: bool, compact: bool, rope: Optional[tuple] = None) -> Tensor:
+        """sparse_gemv and sparse_gemv_rope (rope: rope_kv_update's arguments after qkv)."""
+        K = x.shape[1]
+        N = wt.shape[1]
+        n_out = N // 2 if swiglu else N
+        assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
+        x = x.contiguous()
+        cos, sin, pos, kc, vc, n_heads = rope if rope is not None else (x, x, x, x, x, 0)
+        head_d = kc.shape[3] if rope is not None else 0
+        grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
+                                                    shift is not None, r is not None, compact, packed_pairs(wt),
+                                                    head_d)
+        n_blocks, split = grid
+        if split > 1 and counters.numel() < n_blocks:
+            raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
+                             "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
+        if rope is not None:  # RoPE(q) out; k and v go into the caches
+            y = torch.empty(1, n_heads, head_d, dtype=kc.dtype, device=x.device)
+        else:
+            y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
+        p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
+        s = torch.empty(n_blocks * split * meta["CHUNK"] if compact else 0, dtype=torch.int32, device=x.device)
+        _sparse_gemv_kernel[grid](
+            x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
+            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
+            wt.stride(0), N, float(eps), cos, sin, pos, kc, vc, n_heads * head_d, kc.stride(1) if rope else 0,
+            kc.stride(2) if rope else 0, **pdl_args(x), **meta)
+        return y
+
     @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
     def sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor], block_n: int,
                     counters: Tensor, g: Optional[Tensor] = None, eps: float = 0.0, r: Optional[Tensor] = None,
@@ -1053,29 +1170,45 @@ if triton is not None:
         sparsity.visible_window). Returns (1, N_out), N_out = N (N / 2 with swiglu), in r's dtype
         with a residual, else x's. compact: each program first lists its chunk's kept channels,
         then walks only those (faster from about 60% sparsity on, slower below: COMPACT_MIN_SPARSITY)."""
-        K = x.shape[1]
-        N = wt.shape[1]
-        n_out = N // 2 if swiglu else N
-        assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
-        x = x.contiguous()
-        grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
-                                                    shift is not None, r is not None, compact, packed_pairs(wt))
-        n_blocks, split = grid
-        if split > 1 and counters.numel() < n_blocks:
-            raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
-                             "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
-        y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
-        p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
-        s = torch.empty(n_blocks * split * meta["CHUNK"] if compact else 0, dtype=torch.int32, device=x.device)
-        _sparse_gemv_kernel[grid](
-            x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
-            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
-            wt.stride(0), N, float(eps), **pdl_args(x), **meta)
-        return y
+        return _launch_sparse_gemv(x, wt, t, m, shift, block_n, counters, g, eps, r, swiglu, compact)
 
     @sparse_gemv.register_fake
     def _(x, wt, t, m, shift, block_n, counters, g=None, eps=0.0, r=None, swiglu=False, compact=False):
         return x.new_empty(1, wt.shape[1] // 2 if swiglu else wt.shape[1], dtype=r.dtype if r is not None else x.dtype)
+
+    @torch.library.custom_op("actsparse::sparse_gemv_rope", mutates_args=("k_cache", "v_cache"))
+    def sparse_gemv_rope(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
+                         block_n: int, counters: Tensor, g: Optional[Tensor], eps: float, compact: bool, cos: Tensor,
+                         sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
+        """The q/k/v projection sparse_gemv(x, wt, ...) followed by rope_kv_update(qkv, cos, sin, pos,
+        k_cache, v_cache, n_heads), in one launch (the rotation in the epilogue, on the fp32 sums;
+        rope_fusable must hold). Returns RoPE(q) (1, H, D)."""
+        return _launch_sparse_gemv(x, wt, t, m, shift, block_n, counters, g, eps, None, False, compact,
+                                   (cos, sin, pos, k_cache, v_cache, n_heads))
+
+    @sparse_gemv_rope.register_fake
+    def _(x, wt, t, m, shift, block_n, counters, g, eps, compact, cos, sin, pos, k_cache, v_cache, n_heads):
+        return x.new_empty(1, n_heads, k_cache.shape[3], dtype=k_cache.dtype)
+
+    def _launch_gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor], eps: float,
+                     r: Optional[Tensor], rope: Optional[tuple] = None) -> Tensor:
+        """gemv and gemv_rope (rope: rope_kv_update's arguments after qkv)."""
+        K = x.shape[1]
+        N = w1.shape[0]
+        x = x.contiguous()
+        cos, sin, pos, kc, vc, n_heads = rope if rope is not None else (x, x, x, x, x, 0)
+        head_d = kc.shape[3] if rope is not None else 0
+        if rope is not None:  # RoPE(q) out; k and v go into the caches
+            y = torch.empty(1, n_heads, head_d, dtype=kc.dtype, device=x.device)
+        else:
+            y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        w2_ = w2 if w2 is not None else w1
+        grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None, head_d)
+        _gemv_kernel[grid](
+            x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
+            w1.stride(0), w2_.stride(0), float(eps), cos, sin, pos, kc, vc, n_heads * head_d,
+            kc.stride(1) if rope else 0, kc.stride(2) if rope else 0, **pdl_args(x), **meta)
+        return y
 
     @torch.library.custom_op("actsparse::gemv", mutates_args=())
     def gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor] = None, eps: float = 0.0,
@@ -1083,20 +1216,23 @@ if triton is not None:
         """x: (1, K); w1, w2: (N, K) with unit stride along K; g: (K,) RMSNorm weight; r: (1, N).
         Returns [r +] x' W1^T, or with w2 [r +] SiLU(x' W1^T) * (x' W2^T), where x' = RMSNorm(x) * g
         (eps inside the root) with g, else x; (1, N) in x's dtype (fp32 accumulation)."""
-        K = x.shape[1]
-        N = w1.shape[0]
-        x = x.contiguous()
-        y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-        w2_ = w2 if w2 is not None else w1
-        grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None)
-        _gemv_kernel[grid](
-            x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), **pdl_args(x), **meta)
-        return y
+        return _launch_gemv(x, w1, w2, g, eps, r)
 
     @gemv.register_fake
     def _(x, w1, w2, g=None, eps=0.0, r=None):
         return x.new_empty(1, w1.shape[0])
+
+    @torch.library.custom_op("actsparse::gemv_rope", mutates_args=("k_cache", "v_cache"))
+    def gemv_rope(x: Tensor, w: Tensor, g: Optional[Tensor], eps: float, cos: Tensor, sin: Tensor, pos: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
+        """The q/k/v projection gemv(x, w, None, g, eps) followed by rope_kv_update(qkv, cos, sin, pos,
+        k_cache, v_cache, n_heads), in one launch (the rotation in the epilogue, on the fp32 sums;
+        rope_fusable must hold). Returns RoPE(q) (1, H, D)."""
+        return _launch_gemv(x, w, None, g, eps, None, (cos, sin, pos, k_cache, v_cache, n_heads))
+
+    @gemv_rope.register_fake
+    def _(x, w, g, eps, cos, sin, pos, k_cache, v_cache, n_heads):
+        return x.new_empty(1, n_heads, k_cache.shape[3], dtype=k_cache.dtype)
 
     @torch.library.custom_op("actsparse::gated_rows", mutates_args=())
     def gated_rows(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: float, mode: int) -> Tensor:
@@ -1141,11 +1277,26 @@ def norm_args(norm):
     return (norm.weight, norm.eps) if norm is not None else (None, 0.0)
 
 
+def with_rope(qkv: Tensor, rope: Optional[tuple]) -> Tensor:
+    """A decode step's q/k/v projection (B, 1, n_cols) as it leaves the projection: with rope
+    (rope_kv_update's arguments after qkv), RoPE(q) (B, H, D), k and v written into the caches."""
+    return qkv if rope is None else rope_kv_update(qkv.reshape(qkv.shape[0], -1), *rope)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
-           residual: Optional[Tensor] = None) -> Tensor:
+           residual: Optional[Tensor] = None, rope: Optional[tuple] = None) -> Tensor:
     """[residual +] F.linear(norm(x), weight, bias) (norm: an RMSNorm module with .weight, .eps,
     or None). A batch-1 decode step on GPU runs it all in the gemv kernel: the norm in its
-    prologue, the residual add in its epilogue (no kernels of their own)."""
+    prologue, the residual add in its epilogue (no kernels of their own). rope (the q/k/v
+    projection of a GPU decode step: cos, sin, pos, k_cache, v_cache, n_heads): returns RoPE(q)
+    (B, H, D) and writes RoPE(k), v into the caches; at batch 1, in the gemv's epilogue."""
+    if (rope is not None and bias is None and _gemv_ok(x, weight)
+            and rope_fusable(weight.shape[0], DENSE_TUNING["block_n"], *rope)):
+        return gemv_rope(x.reshape(1, -1), weight, *norm_args(norm), *rope)
+    return with_rope(_linear(x, weight, bias, norm, residual), rope)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, residual: Optional[Tensor]) -> Tensor:
     if _gemv_ok(x, weight) and (residual is None or residual.numel() == weight.shape[0]):
         y = gemv(x.reshape(1, -1), weight, None, *norm_args(norm),
                  residual.reshape(1, -1) if residual is not None else None)

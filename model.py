@@ -263,17 +263,19 @@ class Attention(nn.Module):
         """x + attention(norm(x)); x: (B, S, dim) the residual stream."""
         c = self.config
         B, S, _ = x.shape
+        cache = self.kv_cache
+        # GPU decode step: RoPE on q and k, and k, v written into the cache at input_pos, by the
+        # projection's kernel (batch 1: in its epilogue), which then returns RoPE(q) (B, H, D).
+        rope = (cos, sin, input_pos, cache.k_cache, cache.v_cache, c.n_heads) \
+            if window is not None and cache is not None else None
         if self.sparsity is None or self.sparsity.qkv is None:
-            qkv = self.wqkv(x, norm=norm)  # wqkv(norm(x)): one fused GEMM (on GPU decode, norm included)
+            qkv = self.wqkv(x, norm=norm, rope=rope)  # wqkv(norm(x)): one fused GEMM (on GPU decode, norm included)
         else:
             # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP): wqkv(threshold(norm(x))),
             # on GPU decode one kernel with the norm inside.
-            qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows, norm, window)
-        if window is not None and self.kv_cache is not None:
-            # GPU decode step: RoPE on q and k, and k, v written into the cache at input_pos, in one kernel.
-            cache = self.kv_cache
-            q = kernels.rope_kv_update(qkv.reshape(B, -1), cos, sin, input_pos, cache.k_cache, cache.v_cache,
-                                       c.n_heads)[:, :, None]  # (B, H, 1, D)
+            qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows, norm, window, rope)
+        if rope is not None:
+            q = qkv[:, :, None]  # (B, H, 1, D)
             k, v = cache.k_cache[:B], cache.v_cache[:B]
         else:
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -319,10 +321,10 @@ class Linear(nn.Linear):
     closer to copy bandwidth than cuBLAS's and inductor's on the Llama shapes, with the RMSNorm
     before it and the residual add after it fused in); F.linear otherwise."""
 
-    def forward(self, x: Tensor, norm=None, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, norm=None, residual: Optional[Tensor] = None, rope=None) -> Tensor:
         """[residual +] linear(norm(x)); norm (an RMSNorm) and residual are folded into the
-        kernel on the GPU decode path."""
-        return kernels.linear(x, self.weight, self.bias, norm, residual)
+        kernel on the GPU decode path, and so are q/k/v's RoPE and cache write (rope, see kernels.linear)."""
+        return kernels.linear(x, self.weight, self.bias, norm, residual, rope)
 
 
 class RMSNorm(nn.Module):

@@ -53,8 +53,8 @@ ATTN_METHODS = ("top-theta", "top-k")
 LINEAR_SITES = ("q", "k", "v", "o", "gate", "up", "down")
 DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.decode_attention (bench: A/B)
 # Batch-1 GPU decode through kernels.sparse_gemv: norm + sparse GEMV + K-chunk sums + SiLU(g) * u or
-# the residual in one kernel, 6 kernels per layer as dense (BENCHMARKS.md, session 5). False: the norm,
-# input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
+# the residual in one kernel (q/k/v: and RoPE + the cache write), as many kernels per layer as dense (BENCHMARKS.md,
+# session 5). False: the norm, input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
 FUSED_SPARSE_GEMV = True
 # A GPU decode step of B >= 2 sequences reads a weight row if any sequence keeps its channel: about 1 - s^B of the
 # rows for sites calibrated to sparsity s (the sequences' kept channels are close to independent: TEAL 50% on
@@ -191,19 +191,20 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
 
 
 def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsity] = None,
-               dense_rows=None, norm=None, window=None) -> Tensor:
+               dense_rows=None, norm=None, window=None, rope=None) -> Tensor:
     """Fused q/k/v projection of norm(x) (or x); with sparsity, each of q, k, v thresholds the
     shared input with its own threshold (TEAL's greedy gives them different sparsities). A GPU
-    decode step runs the norm inside the kernel."""
+    decode step runs the norm inside the kernel, and with rope (cos, sin, pos, k_cache, v_cache,
+    n_heads) RoPE and the cache write: it then returns RoPE(q) (B, H, D) (kernels.linear)."""
     if attn is not None and attn.qkv_kernel is not None and _kernel_step(x, attn.stats):
-        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window)
+        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window, rope=rope)
     x = norm(x) if norm is not None else x
     if attn is None or attn.qkv is None:
-        return wqkv(x)
+        return kernels.with_rope(wqkv(x), rope)
     ws = wqkv.weight.split(attn.sizes)
     bs = wqkv.bias.split(attn.sizes) if wqkv.bias is not None else (None, None, None)
-    return torch.cat([sparse_linear(x, None, site, attn.stats, name, dense_rows, w, b)
-                      for site, name, w, b in zip(attn.qkv, "qkv", ws, bs)], dim=-1)
+    return kernels.with_rope(torch.cat([sparse_linear(x, None, site, attn.stats, name, dense_rows, w, b)
+                                        for site, name, w, b in zip(attn.qkv, "qkv", ws, bs)], dim=-1), rope)
 
 
 def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, residual=None, window=None) -> Tensor:
@@ -257,19 +258,22 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
 
 
 def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None, residual=None, window=None,
-                   swiglu=False) -> Tensor:
+                   swiglu=False, rope=None) -> Tensor:
     """Decode step on GPU: [residual +] the thresholded input-sparse GEMV of norm(x) (weights
     stored input-major; swiglu: [gate; up] merged, SiLU(g) * u). One sequence with the step's
     window (FUSED_SPARSE_GEMV): one kernel, the norm, the partial sums' reduction and the
     residual add inside (kernels.sparse_gemv; sites calibrated to high sparsity walk a list of the
-    kept channels); otherwise norm, kernel, sums, add, as ops."""
+    kept channels), and for q/k/v RoPE and the cache write (rope: see kernels.linear);
+    otherwise norm, kernel, sums, add, as ops."""
     B, S, K = x.shape
+    compact = site.sparsity >= kernels.COMPACT_MIN_SPARSITY  # list the kept channels first
     if B == 1 and window is not None and FUSED_SPARSE_GEMV:
-        y = kernels.sparse_gemv(x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n,
-                                window[2:], *kernels.norm_args(norm),
-                                residual.view(1, -1) if residual is not None else None, swiglu,
-                                site.sparsity >= kernels.COMPACT_MIN_SPARSITY)  # list the kept channels first
-        return (y if bias is None else y + bias).view(B, 1, -1)
+        args = (x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n, window[2:],
+                *kernels.norm_args(norm))
+        if rope is not None and bias is None and kernels.rope_fusable(weight.shape[0], site.block_n, *rope):
+            return kernels.sparse_gemv_rope(*args, compact, *rope)
+        y = kernels.sparse_gemv(*args, residual.view(1, -1) if residual is not None else None, swiglu, compact)
+        return kernels.with_rope((y if bias is None else y + bias).view(B, 1, -1), rope)
     x = norm(x) if norm is not None else x
     if not batch_kernel_pays(B, site.sparsity):
         y = _dense_union(x.view(B, K), weight, site)
@@ -282,7 +286,7 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
         g, u = y.chunk(2, dim=-1)
         y = F.silu(g) * u
     y = y.to(x.dtype).view(B, 1, -1)
-    return y if residual is None else residual + y
+    return kernels.with_rope(y if residual is None else residual + y, rope)
 
 
 def _dense_union(x: Tensor, weight: Tensor, site: LinearSite) -> Tensor:
@@ -643,7 +647,7 @@ def prepare_kernels(layer, c, force=False):
             if sc.kernel:  # the kernels read the (H, N) table as it is
                 sc.thresholds = sc.thresholds.float().contiguous()
         if attn.qkv is not None:
-            attn.qkv_kernel = _merged_site(attn.qkv, attn.sizes, layer.attention.wqkv.weight.device)
+            attn.qkv_kernel = _merged_site(attn.qkv, attn.sizes, layer.attention.wqkv.weight.device, c.head_dim)
             kernels.make_input_major(layer.attention.wqkv)
         if attn.o is not None:
             _prepare_site(attn.o, layer.attention.wo)
@@ -666,9 +670,11 @@ def prepare_kernels(layer, c, force=False):
             kernels.make_input_major(ffn.down)
 
 
-def _merged_site(sites, sizes, dev) -> LinearSite:
+def _merged_site(sites, sizes, dev, head_dim: int = 0) -> LinearSite:
     """Several sites reading one input (q/k/v; gate/up) as one kernel site: per-column
-    threshold, mode and W m, constant within each block_n block (a dense site: t = -1)."""
+    threshold, mode and W m, constant within each block_n block (a dense site: t = -1).
+    head_dim (q/k/v): column blocks inside one head, so that the kernel can apply RoPE in its
+    epilogue (kernels.rope_fusable)."""
     def cols(f, default):
         return torch.cat([torch.full((n,), float(f(s)) if s is not None else default, device=dev)
                           for s, n in zip(sites, sizes)])
@@ -687,7 +693,8 @@ def _merged_site(sites, sizes, dev) -> LinearSite:
                            else torch.zeros(n, device=dev) for s, n in zip(sites, sizes)])
     return LinearSite(torch.tensor(0.0), shift_bias=shift, t_col=cols(lambda s: s.threshold, -1.0),
                       m_col=cols(lambda s: s.mode if s.mode is not None else 0.0, 0.0) if has_mode else None,
-                      block_n=kernels.block_n_for(sizes), parts=tuple((a, b) for a, b, _ in parts),
+                      block_n=kernels.block_n_for(list(sizes) + ([head_dim] if head_dim else [])),
+                      parts=tuple((a, b) for a, b, _ in parts),
                       sparsity=min(s.sparsity if s is not None else 0.0 for s in sites))  # a dense part: masked loop
 
 

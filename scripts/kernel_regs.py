@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import kernels  # noqa: E402
 
 H100_SMS = 132
-F32, BF16, I32 = "*fp32", "*bf16", "*i32"
+F32, BF16, I32, I64 = "*fp32", "*bf16", "*i32", "*i64"
 FLOATS = {"eps", "scale", "t"}
 # Integer arguments that are multiples of 16 at the Llama-3-8B shapes. A launch specialises such
 # arguments (and 16-byte aligned pointers) as divisible by 16, which is what lets loads
@@ -43,7 +43,8 @@ FLOATS = {"eps", "scale", "t"}
 # looked like 168-255 registers where it runs at 123-128 (session 9). COUNT, a slice of the
 # step's window tensor at an 8-byte offset, is the one pointer left unaligned, and the attention
 # stats' strides (6 floats per key chunk) the strides left unspecialised.
-DIV16 = {"K", "N", "N_OUT", "col2", "k_per_prog"}
+DIV16 = {"K", "N", "N_OUT", "col2", "k_per_prog", "q_cols"}
+ROPE = dict(COS=BF16, SIN=BF16, POS=I64, KC=BF16, VC=BF16)  # q/k/v's RoPE epilogue: cos / sin rows, pos, caches
 
 
 def resident(regs: int, shared: int, num_warps: int) -> int:
@@ -116,18 +117,20 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
 
 
 def sparse_gemv_cases():
-    """kernels.sparse_gemv as the model launches it at each Llama-3-8B site (masked and compact)."""
-    for name, K, n_out, norm, swiglu, residual in (("qkv", 4096, 6144, True, False, False),
-                                                   ("o", 4096, 4096, False, False, True),
-                                                   ("gate+up", 4096, 14336, True, True, False),
-                                                   ("down", 14336, 4096, False, False, True)):
+    """kernels.sparse_gemv as the model launches it at each Llama-3-8B site (masked and compact; q/k/v with
+    RoPE and the cache write in its epilogue, sparse_gemv_rope, and without)."""
+    for name, K, n_out, norm, swiglu, residual, head_d in (("qkv + RoPE", 4096, 6144, True, False, False, 128),
+                                                           ("qkv", 4096, 6144, True, False, False, 0),
+                                                           ("o", 4096, 4096, False, False, True, 0),
+                                                           ("gate+up", 4096, 14336, True, True, False, 0),
+                                                           ("down", 14336, 4096, False, False, True, 0)):
         for compact in (False, True):
             grid, _, meta = kernels.sparse_gemv_launch(K, n_out, kernels.GEMV_TUNING["block_n"], None, norm, False,
-                                                       swiglu, False, residual, compact, True)
+                                                       swiglu, False, residual, compact, True, head_d)
             yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {grid[1]})",
                    kernels._sparse_gemv_kernel,
-                   dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16),
-                   grid, dict(meta, stride_wk=2 * n_out if swiglu else n_out))
+                   dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16,
+                        **ROPE), grid, dict(meta, stride_wk=2 * n_out if swiglu else n_out))
 
 
 def batch_cases(B=4):
@@ -168,11 +171,12 @@ def attention_cases(L=8192):
 
 def gemv_cases():
     """kernels.gemv (dense decode GEMV with the norm / residual / SwiGLU fused)."""
-    for name, n_out, swiglu, norm, residual in (("dense qkv", 6144, False, True, False),
-                                                ("dense gate/up", 14336, True, True, False),
-                                                ("dense down", 4096, False, False, True)):
-        grid, meta = kernels.gemv_launch(n_out, swiglu, norm, residual)
-        yield name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16), grid, meta
+    for name, n_out, swiglu, norm, residual, head_d in (("dense qkv + RoPE", 6144, False, True, False, 128),
+                                                        ("dense qkv", 6144, False, True, False, 0),
+                                                        ("dense gate/up", 14336, True, True, False, 0),
+                                                        ("dense down", 4096, False, False, True, 0)):
+        grid, meta = kernels.gemv_launch(n_out, swiglu, norm, residual, head_d)
+        yield name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16, **ROPE), grid, meta
 
 
 def main():

@@ -259,17 +259,108 @@ def test_rope_kv_update(dtype, B, H, Hkv, D):
     assert torch.equal(caches[1][:B, :, 13], v)  # v copied as is
 
 
+def rope_case(H, Hkv, D, dtype):
+    """A decode position's cos / sin rows (bf16/fp16-rounded as the model passes them), pos, and
+    random K / V caches (2 sequences, 20 positions) with a copy for the reference."""
+    from model import ModelArgs, rope_tables
+    cos, sin = rope_tables(ModelArgs(head_dim=D, rope_theta=100.0), 20, DEVICE)
+    pos = torch.tensor([13], device=DEVICE)
+    caches = [torch.randn(2, Hkv, 20, D, device=DEVICE).to(dtype) for _ in range(2)]
+    return (cos[pos].to(dtype), sin[pos].to(dtype), pos), caches, [c.clone() for c in caches]
+
+
+def check_rope_outputs(q, ref_q, caches, ref_caches, dtype):
+    """q and the cache rows at pos (13) of sequence 0 equal the reference; nothing else was written."""
+    assert q.shape == ref_q.shape and q.dtype == ref_q.dtype and not torch.isnan(q).any()
+    assert rel_err(q.float(), ref_q.float()) < TOL[dtype]
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[13] = False
+    for c, r in zip(caches, ref_caches):
+        assert rel_err(c[0, :, 13].float(), r[0, :, 13].float()) < TOL[dtype]
+        assert torch.equal(c[:, :, keep], r[:, :, keep]) and torch.equal(c[1:], r[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,Hkv,D,block_n", [(4, 2, 16, 8), (2, 2, 32, 8), (3, 1, 8, 8), (4, 2, 32, 16)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_gemv_rope(dtype, H, Hkv, D, block_n, norm, monkeypatch):
+    """The dense q/k/v gemv with RoPE and the KV-cache write in its epilogue equals gemv_ref's fp32 sums
+    through rope_kv_update_ref: RoPE(q) returned, RoPE(k) and v in the caches at pos, every other cache entry
+    as it was. Heads of one, two and four column blocks; GQA."""
+    monkeypatch.setattr(kernels, "DENSE_TUNING", dict(kernels.DENSE_TUNING, block_k=64, block_n=block_n))
+    K, N = 100, (H + 2 * Hkv) * D  # K: not a multiple of block_k
+    x = (3 * torch.randn(1, K, device=DEVICE)).to(dtype)
+    w = torch.randn(N, K, device=DEVICE).to(dtype)
+    g = torch.rand(K, device=DEVICE).add(0.5).to(dtype) if norm else None
+    rope, caches, ref_caches = rope_case(H, Hkv, D, dtype)
+    assert kernels.rope_fusable(N, block_n, *rope, *caches, H)
+    torch.empty(1, H, D, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
+    q = kernels.gemv_rope(x, w, g, 1e-5, *rope, *caches, H)
+    ref_q = kernels.rope_kv_update_ref(kernels.gemv_ref(x, w, None, g, 1e-5), *rope, *ref_caches, H)
+    check_rope_outputs(q, ref_q, caches, ref_caches, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("H,Hkv,D,block_n", [(4, 2, 16, 16), (2, 1, 32, 16), (2, 2, 16, 8)])
+@pytest.mark.parametrize("fused", ["norm", "mode,shift", "norm,compact"])
+def test_sparse_gemv_rope(dtype, sparsity, H, Hkv, D, block_n, fused, monkeypatch):
+    """sparse_gemv on q/k/v with RoPE and the KV-cache write in its epilogue equals sparse_gemv_ref's fp32
+    sums through rope_kv_update_ref. q, k and v have their own thresholds (and SCAP's modes and W m);
+    several K chunks merged by the last program, column blocks of half a head or a whole one; both walks."""
+    monkeypatch.setattr(kernels, "GEMV_TUNING", dict(kernels.GEMV_TUNING, block_k=32, programs_per_sm=8))
+    K = 150  # several chunks, not a multiple of BLOCK_K
+    sizes = [H * D, Hkv * D, Hkv * D]
+    N = sum(sizes)
+    x = (3 * torch.randn(1, K, device=DEVICE) + 0.2).to(dtype)
+    wt = torch.randn(K, N, device=DEVICE).to(dtype)
+    g = torch.rand(K, device=DEVICE).add(0.5).to(dtype) if "norm" in fused else None
+    xn = kernels.rms_norm_ref(x, g, 1e-5) if g is not None else x.float()
+    modes = [0.1, -0.1, 0.05] if "mode" in fused else [0.0] * 3
+    t = torch.cat([torch.full((n,), thresholds_for(xn, min(1.0, sparsity + 0.05 * j), mode), device=DEVICE)
+                   for j, (n, mode) in enumerate(zip(sizes, modes))])
+    m = torch.cat([torch.full((n,), mode, device=DEVICE) for n, mode in zip(sizes, modes)]) if "mode" in fused else None
+    shift = torch.randn(N, device=DEVICE) if "shift" in fused else None
+    rope, caches, ref_caches = rope_case(H, Hkv, D, dtype)
+    assert kernels.rope_fusable(N, block_n, *rope, *caches, H) and kernels.block_n_for(sizes) >= block_n
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    torch.empty(1, H, D, dtype=dtype, device=DEVICE).fill_(float("nan"))  # poison the allocator's next block
+    q = kernels.sparse_gemv_rope(x, wt, t, m, shift, block_n, counters, g, 1e-5, "compact" in fused, *rope,
+                                 *caches, H)
+    assert torch.equal(counters, torch.zeros_like(counters))
+    ref_q = kernels.rope_kv_update_ref(kernels.sparse_gemv_ref(x, wt, t, m, shift, g, 1e-5), *rope, *ref_caches, H)
+    check_rope_outputs(q, ref_q, caches, ref_caches, dtype)
+
+
+def test_rope_fusable():
+    """The epilogue needs each column block inside one head, half of it first-half columns: block_n divides
+    head_dim and is a multiple of 4; the caches alike; the column count that of q, k and v."""
+    rope, caches, _ = rope_case(4, 2, 16, torch.float32)
+    assert kernels.rope_fusable(128, 16, *rope, *caches, 4) and kernels.rope_fusable(128, 4, *rope, *caches, 4)
+    assert not kernels.rope_fusable(128, 32, *rope, *caches, 4)  # a block over two heads
+    assert not kernels.rope_fusable(128, 2, *rope, *caches, 4)  # half a block: one column
+    assert not kernels.rope_fusable(96, 16, *rope, *caches, 4)  # not q/k/v of these heads
+    longer = torch.zeros(2, 2, 40, 16, device=DEVICE)[:, :, :20]  # the V cache's head stride another
+    assert not kernels.rope_fusable(128, 16, *rope, caches[0], longer, 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_dense_decode_kernel_path_equals_reference(dtype, monkeypatch):
+@pytest.mark.parametrize("bias", [False, True])
+def test_model_dense_decode_kernel_path_equals_reference(dtype, bias, monkeypatch):
     """The dense model's decode steps through the gemv kernels (RMSNorm in the q/k/v, gate/up
-    and LM-head prologues, residual adds in the o and down epilogues, decode attention kernel)
-    give the logits of the plain-PyTorch path."""
-    _, model = tiny_model(std=0.2, norm_std=0.2, attention_bias=True)
-    calls = []
-    real = kernels.gemv
-    monkeypatch.setattr(kernels, "gemv", lambda *a: calls.append(a[3] is not None) or real(*a))
+    and LM-head prologues, residual adds in the o and down epilogues, RoPE and the cache write in
+    q/k/v's epilogue, decode attention kernel) give the logits of the plain-PyTorch path. With a
+    q/k/v bias, added after the kernel, RoPE is rope_kv_update's."""
+    _, model = tiny_model(std=0.2, norm_std=0.2, attention_bias=bias)
+    calls, rope_calls, rope_kv = [], [], []
+    for name, log in (("gemv", calls), ("gemv_rope", rope_calls), ("rope_kv_update", rope_kv)):
+        monkeypatch.setattr(kernels, name, lambda *a, real=getattr(kernels, name), log=log: log.append(
+            a[3] is not None if log is calls else 1) or real(*a))
     err_kernel, err_torch = decode_errors(model, dtype, monkeypatch)
-    assert calls.count(True) == 3 * (2 * 2 + 1) and calls.count(False) == 3 * 2 * 2  # norms fused; o, down
+    qkv = 3 * 2  # 3 steps, 2 layers
+    assert (len(rope_calls), len(rope_kv)) == ((0, qkv) if bias else (qkv, 0))
+    assert calls.count(True) == 3 * (2 + 1) + (qkv if bias else 0)  # norms fused: gate/up, LM head (q/k/v)
+    assert calls.count(False) == 3 * 2 * 2  # o, down
     # fp32: the same function; bf16: no further from the fp32 logits than the PyTorch path (the
     # fused norm keeps RMSNorm(x) * g in fp32, where the PyTorch path rounds it to bf16 twice)
     assert err_kernel < (TOL[dtype] if dtype == torch.float32 else 1.5 * err_torch + 1e-3)
@@ -438,9 +529,11 @@ def test_model_sparse_decode_fused_path_equals_reference(method, dtype, sparsity
                         rank=8,
                         progress=False, scap="q,median,0.3,k,zero,0.5,o,median,0.4,up,median,0.35,gate,zero,0.35,"
                                             "down,kde,0.5")
-    calls = []
-    real = kernels.sparse_gemv
+    calls, roped = [], []
+    real, real_rope = kernels.sparse_gemv, kernels.sparse_gemv_rope
     monkeypatch.setattr(kernels, "sparse_gemv", lambda *a: calls.append((a[7] is not None, a[11])) or real(*a))
+    monkeypatch.setattr(kernels, "sparse_gemv_rope",  # q/k/v, with RoPE and the cache write
+                        lambda *a: roped.append(1) or calls.append((a[7] is not None, a[9])) or real_rope(*a))
 
     def prepare(model):
         sp.apply(model, cfg)
@@ -451,6 +544,7 @@ def test_model_sparse_decode_fused_path_equals_reference(method, dtype, sparsity
     per_layer = {"teal": (2, 2), "scap": (2, 2)}.get(method, (0, 1))  # (with the norm, without): qkv, gate/up; o, down
     with_norm = [norm for norm, _ in calls]
     assert with_norm.count(True) == 3 * 2 * per_layer[0] and with_norm.count(False) == 3 * 2 * per_layer[1]
+    assert len(roped) == (3 * 2 if method in ("teal", "scap") else 0)
     assert all(compact == ((sparsity or 0) >= kernels.COMPACT_MIN_SPARSITY) for _, compact in calls)
     # fp32: the same function. bf16: channels near a threshold fall on either side in the two
     # paths (the kernel thresholds the fp32 RMSNorm(x) * g, the PyTorch path its bf16 rounding),
@@ -693,6 +787,7 @@ def test_kernels_compile_for_sm90():
                          text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "warps:" in line]
-    assert len(lines) == 3 + 8 + 3 + 2 + 3, out.stdout
+    # gemv, sparse_gemv (q/k/v with RoPE too), the batch kernel, gated_rows, attention
+    assert len(lines) == 4 + 10 + 3 + 2 + 3, out.stdout
     assert all("registers" in line and "waves" in line for line in lines), out.stdout
     assert all(re.search(r"loop instructions \[[1-9]\d+", line) for line in lines), out.stdout
