@@ -1297,6 +1297,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, residual: Optional[Tensor]) -> Tensor:
+    """linear without rope: the gemv kernel for one token, F.linear otherwise."""
     if _gemv_ok(x, weight) and (residual is None or residual.numel() == weight.shape[0]):
         y = gemv(x.reshape(1, -1), weight, None, *norm_args(norm),
                  residual.reshape(1, -1) if residual is not None else None)

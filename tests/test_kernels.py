@@ -332,6 +332,28 @@ def test_sparse_gemv_rope(dtype, sparsity, H, Hkv, D, block_n, fused, monkeypatc
     check_rope_outputs(q, ref_q, caches, ref_caches, dtype)
 
 
+def test_linear_rope_dispatch(monkeypatch):
+    """kernels.linear with rope returns RoPE(q) and fills the caches on every path: gemv_rope for one token
+    without a bias; rope_kv_update after F.linear for 3 sequences or with a bias (added before the rotation)."""
+    monkeypatch.setenv("ACTSPARSE_KERNELS", "force")
+    H, Hkv, D, K = 4, 2, 16, 40
+    w = torch.randn((H + 2 * Hkv) * D, K, device=DEVICE)
+    fused = []
+    real = kernels.gemv_rope
+    monkeypatch.setattr(kernels, "gemv_rope", lambda *a: fused.append(1) or real(*a))
+    for B, bias in ((1, None), (3, None), (1, torch.randn(w.shape[0], device=DEVICE))):
+        x = torch.randn(B, 1, K, device=DEVICE)
+        rope, caches, ref_caches = rope_case(H, Hkv, D, torch.float32)
+        caches = [torch.cat([c, c]) for c in caches]  # room for 3 sequences (+ one untouched)
+        ref_caches = [c.clone() for c in caches]
+        q = kernels.linear(x, w, bias, rope=(*rope, *caches, H))
+        ref_q = kernels.rope_kv_update_ref(torch.nn.functional.linear(x, w, bias).view(B, -1), *rope, *ref_caches, H)
+        assert q.shape == (B, H, D) and rel_err(q, ref_q) < 1e-4
+        for c, r in zip(caches, ref_caches):
+            assert rel_err(c, r) < 1e-5 and torch.equal(c[B:], r[B:])
+    assert len(fused) == 1
+
+
 def test_rope_fusable():
     """The epilogue needs each column block inside one head, half of it first-half columns: block_n divides
     head_dim and is a multiple of 4; the caches alike; the column count that of q, k and v."""
