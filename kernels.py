@@ -67,7 +67,10 @@ captures them in the CUDA graph with no graph break.
    their rotate-half partners, so the merging program rotates the fp32 sums it already has;
    5 kernels per layer). Dense +0.7%, TEAL 50% +1.0% end to end on an H100 (BENCHMARKS.md
    session 18). Otherwise (batch 2-8, a q/k/v bias) rope_kv_update after the projection, one
-   small kernel (torch.compile made three of them: launch gaps, not bytes).
+   small kernel (torch.compile made three of them: launch gaps, not bytes). Both read row pos
+   of the model's cos / sin tables themselves: a per-step gather + cast of the rows made
+   inductor copy them per consumer, a dozen small launches inside the step that broke the PDL
+   chain (dense +0.45%, TEAL 50% +0.9% without them).
 
 Set ACTSPARSE_KERNELS=0 to force the PyTorch reference path on GPU (A/B runs), ACTSPARSE_PDL=0 to launch
 each kernel only after the previous one ended (no programmatic dependent launch, see PDL).
@@ -176,10 +179,12 @@ def gated_rows_ref(x: Tensor, w1: Tensor, w2: Optional[Tensor], p: Tensor, t: fl
 
 def rope_kv_update_ref(qkv: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor,
                       n_heads: int) -> Tensor:
-    """qkv: (B, (H + 2 Hkv) D) one decode token per sequence; cos, sin: (1, D); pos: (1,).
-    Writes RoPE(k) and v into the caches (B', Hkv, L, D) at pos; returns RoPE(q) (B, H, D)."""
+    """qkv: (B, (H + 2 Hkv) D) one decode token per sequence; cos, sin: (positions, D) tables (the
+    model's rope_cos / rope_sin), row pos used; pos: (1,). Writes RoPE(k) and v into the caches
+    (B', Hkv, L, D) at pos; returns RoPE(q) (B, H, D)."""
     from model import apply_rope
     B, Hkv, D = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    cos, sin = cos[pos], sin[pos]
     q, k, v = qkv.view(B, n_heads + 2 * Hkv, D).split([n_heads, Hkv, Hkv], dim=1)
     k_cache[:B, :, pos] = apply_rope(k.float(), cos.float(), sin.float()).to(k_cache.dtype)[:, :, None]
     v_cache[:B, :, pos] = v.to(v_cache.dtype)[:, :, None]
@@ -242,22 +247,29 @@ if triton is not None:
         return col0, col0 + r % (BLOCK_N // 2) + (r // (BLOCK_N // 2)) * (HEAD_D // 2)
 
     @triton.jit
-    def _rope_store(y, col0, Q, COS, SIN, POS, KC, VC, q_cols, n_cols, stride_ch, stride_cl,
-                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+    def _rope_rows(COS, SIN, POS, col0, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr):
+        """For _rope_store: the position POS and its cos / sin (fp32) at the first-half columns of the
+        block that starts at col0 (1) and at their partners (2), from the (positions, HEAD_D) tables.
+        Loaded before the block's sums are reduced or merged, so that these loads overlap that work."""
+        pos = tl.load(POS)
+        at = pos * HEAD_D + (col0 + tl.arange(0, BLOCK_N // 2)) % HEAD_D  # d < HEAD_D // 2
+        c1 = tl.load(COS + at).to(tl.float32)
+        s1 = tl.load(SIN + at).to(tl.float32)
+        c2 = tl.load(COS + HEAD_D // 2 + at).to(tl.float32)
+        s2 = tl.load(SIN + HEAD_D // 2 + at).to(tl.float32)
+        return pos, c1, s1, c2, s2
+
+    @triton.jit
+    def _rope_store(y, col0, rows, Q, KC, VC, q_cols, n_cols, stride_ch, stride_cl, BLOCK_N: tl.constexpr,
+                    HEAD_D: tl.constexpr):
         """Epilogue of a batch-1 q/k/v GEMV with RoPE: y (fp32), the sums of the columns of the
-        block that starts at col0 (_rope_columns). A q or k head is rotated (rotate-half RoPE in
-        fp32 with the position's cos / sin rows, as rope_kv_update_ref); q goes to Q (H x HEAD_D),
-        k and v into the caches (Hkv, L, HEAD_D; equal strides) at row POS."""
+        block that starts at col0 (_rope_columns); rows: _rope_rows. A q or k head is rotated
+        (rotate-half RoPE in fp32, as rope_kv_update_ref); q goes to Q (H x HEAD_D), k and v into
+        the caches (Hkv, L, HEAD_D; equal strides) at row pos."""
+        pos, c1, s1, c2, s2 = rows
         a, b = tl.split(tl.trans(tl.reshape(y, (2, BLOCK_N // 2))))  # first-half columns, their partners
         col = col0 + tl.arange(0, BLOCK_N // 2)
-        d = col % HEAD_D  # < HEAD_D // 2
         kv_cols = (n_cols - q_cols) // 2
-        # Loaded whatever the head, before any branch: they can issue with the loads of the sums
-        c1 = tl.load(COS + d).to(tl.float32)
-        s1 = tl.load(SIN + d).to(tl.float32)
-        c2 = tl.load(COS + HEAD_D // 2 + d).to(tl.float32)
-        s2 = tl.load(SIN + HEAD_D // 2 + d).to(tl.float32)
-        pos = tl.load(POS)
         is_qk = col0 < q_cols + kv_cols  # a q or k head, rotated; a v head is stored as it is
         a, b = tl.where(is_qk, a * c1 - b * s1, a), tl.where(is_qk, b * c2 + a * s2, b)
         if col0 < q_cols:
@@ -265,7 +277,7 @@ if triton is not None:
             tl.store(Q + col + HEAD_D // 2, b.to(Q.dtype.element_ty))
         else:
             kv = col - q_cols - tl.where(is_qk, 0, kv_cols)  # column in the k part, or in the v part
-            row = tl.where(is_qk, KC, VC) + (kv // HEAD_D) * stride_ch + pos * stride_cl + d
+            row = tl.where(is_qk, KC, VC) + (kv // HEAD_D) * stride_ch + pos * stride_cl + kv % HEAD_D
             tl.store(row, a.to(KC.dtype.element_ty))
             tl.store(row + HEAD_D // 2, b.to(KC.dtype.element_ty))
 
@@ -307,6 +319,8 @@ if triton is not None:
                 w2 = tl.load(W2 + offs_n[:, None] * stride_w2 + offs_k[None, :], mask=wm, other=0.0)
                 acc2 += w2.to(tl.float32) * x[None, :]
         _launch_next(PDL)
+        if ROPE:
+            rope_rows = _rope_rows(COS, SIN, POS, col0, BLOCK_N, HEAD_D)
         y = tl.sum(acc1, 1)
         if NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sumsq, 0) / K + eps)
@@ -319,7 +333,7 @@ if triton is not None:
         if RESIDUAL:
             y += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if ROPE:
-            _rope_store(y, col0, Y, COS, SIN, POS, KC, VC, q_cols, N, stride_ch, stride_cl, BLOCK_N, HEAD_D)
+            _rope_store(y, col0, rope_rows, Y, KC, VC, q_cols, N, stride_ch, stride_cl, BLOCK_N, HEAD_D)
         else:
             tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
@@ -412,8 +426,8 @@ if triton is not None:
         if RESIDUAL:
             y1 += tl.load(R + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if ROPE:
-            COS, SIN, POS, KC, VC, q_cols, stride_ch, stride_cl = ROPE_ARGS
-            _rope_store(y1, col0, Y, COS, SIN, POS, KC, VC, q_cols, N_OUT, stride_ch, stride_cl, BLOCK_N, HEAD_D)
+            rows, KC, VC, q_cols, stride_ch, stride_cl = ROPE_ARGS
+            _rope_store(y1, col0, rows, Y, KC, VC, q_cols, N_OUT, stride_ch, stride_cl, BLOCK_N, HEAD_D)
         else:
             tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
 
@@ -521,8 +535,10 @@ if triton is not None:
                     acc2e += xs2[:, None] * w2e
                     acc2o += xs2[:, None] * w2o
         _launch_next(PDL)
+        rope = (COS, SIN)  # unused
+        if ROPE:  # every program loads them (a few hundred bytes), overlapping the merge's round trips
+            rope = (_rope_rows(COS, SIN, POS, col0, BLOCK_N, HEAD_D), KC, VC, q_cols, stride_ch, stride_cl)
         # Each column's sum, the pairs interleaved back into column order.
-        rope = (COS, SIN, POS, KC, VC, q_cols, stride_ch, stride_cl)
         y1 = tl.reshape(tl.join(tl.sum(acc1e, 0), tl.sum(acc1o, 0)), (BLOCK_N,))
         y2 = tl.reshape(tl.join(tl.sum(acc2e, 0), tl.sum(acc2o, 0)), (BLOCK_N,))
         if MERGE:
@@ -669,8 +685,8 @@ if triton is not None:
                         stride_vb, stride_vh, stride_vl, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                         PDL: tl.constexpr):
         """One program per (sequence, head) of q, k and v: rotate-half RoPE in fp32 on a q head
-        (stored to Q, (B, H, 2 HALF)) or a k head (stored into the K cache at POS); a v head is
-        copied into the V cache."""
+        (stored to Q, (B, H, 2 HALF)) or a k head (stored into the K cache at POS), with row POS of the
+        cos / sin tables; a v head is copied into the V cache."""
         _await_previous(PDL)
         _launch_next(PDL)  # a few hundred bytes per program: no main loop to wait for
         b = tl.program_id(0)
@@ -682,10 +698,11 @@ if triton is not None:
         x2 = tl.load(src + HALF + o, mask=ok, other=0.0).to(tl.float32)
         pos = tl.load(POS)
         if j < H + Hkv:  # q or k: rotate
-            c1 = tl.load(COS + o, mask=ok, other=0.0).to(tl.float32)
-            c2 = tl.load(COS + HALF + o, mask=ok, other=0.0).to(tl.float32)
-            s1 = tl.load(SIN + o, mask=ok, other=0.0).to(tl.float32)
-            s2 = tl.load(SIN + HALF + o, mask=ok, other=0.0).to(tl.float32)
+            at = pos * 2 * HALF + o  # row pos of the (positions, 2 HALF) tables
+            c1 = tl.load(COS + at, mask=ok, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + HALF + at, mask=ok, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + at, mask=ok, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + HALF + at, mask=ok, other=0.0).to(tl.float32)
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
             if j < H:
@@ -1054,7 +1071,7 @@ def rope_fusable(n_cols: int, block_n: int, cos: Tensor, sin: Tensor, pos: Tenso
     D = k_cache.shape[3]
     return (n_cols == (n_heads + 2 * k_cache.shape[1]) * D and D % block_n == 0 and block_n % 4 == 0
             and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.dtype == v_cache.dtype
-            and cos.is_contiguous() and sin.is_contiguous())
+            and cos.shape[-1] == D and cos.is_contiguous() and sin.is_contiguous())
 
 
 def attention_tuning(dense: bool) -> dict:
@@ -1333,7 +1350,7 @@ if triton is not None:
         """See rope_kv_update_ref (same arguments, same effect); one launch."""
         B = qkv.shape[0]
         Hkv, D = k_cache.shape[1], k_cache.shape[3]
-        assert D % 2 == 0 and qkv.shape[1] == (n_heads + 2 * Hkv) * D and qkv.stride(1) == 1
+        assert D % 2 == 0 and qkv.shape[1] == (n_heads + 2 * Hkv) * D and qkv.stride(1) == 1 and cos.shape[-1] == D
         assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
         q = torch.empty(B, n_heads, D, dtype=k_cache.dtype, device=qkv.device)
         _rope_kv_kernel[(B, n_heads + 2 * Hkv)](

@@ -220,8 +220,11 @@ class Transformer(nn.Module):
         decode_kernels = mask is not None and S == 1 and kernels.enabled(idx)
         window = sp.visible_window(mask, sp.n_counters(self.config, B)) if decode_kernels else None
         dense_rows = positions < dense_prefix if dense_prefix > 0 else None  # (S,) bool
-        cos = self.rope_cos[positions].to(self.output.weight.dtype)
-        sin = self.rope_sin[positions].to(self.output.weight.dtype)
+        if decode_kernels:  # the kernels read row input_pos of the tables themselves: no gather, no cast
+            cos, sin = self.rope_cos, self.rope_sin
+        else:
+            cos = self.rope_cos[positions].to(self.output.weight.dtype)
+            sin = self.rope_sin[positions].to(self.output.weight.dtype)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos, dense_rows, window)
@@ -264,8 +267,8 @@ class Attention(nn.Module):
         c = self.config
         B, S, _ = x.shape
         cache = self.kv_cache
-        # GPU decode step: RoPE on q and k, and k, v written into the cache at input_pos, by the
-        # projection's kernel (batch 1: in its epilogue), which then returns RoPE(q) (B, H, D).
+        # GPU decode step: RoPE on q and k (cos, sin: the whole tables), and k, v written into the cache
+        # at input_pos, by the projection's kernel (batch 1: in its epilogue), which returns RoPE(q) (B, H, D).
         rope = (cos, sin, input_pos, cache.k_cache, cache.v_cache, c.n_heads) \
             if window is not None and cache is not None else None
         if self.sparsity is None or self.sparsity.qkv is None:

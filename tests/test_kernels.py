@@ -248,8 +248,8 @@ def test_rope_kv_update(dtype, B, H, Hkv, D):
     qkv = torch.randn(B, (H + 2 * Hkv) * D, device=DEVICE).to(dtype)
     caches = [torch.randn(B + 1, Hkv, 20, D, device=DEVICE).to(dtype) for _ in range(2)]
     ref_caches = [c.clone() for c in caches]
-    q = kernels.rope_kv_update(qkv, cos[pos].to(dtype), sin[pos].to(dtype), pos, *caches, H)
-    ref_q = kernels.rope_kv_update_ref(qkv, cos[pos].to(dtype), sin[pos].to(dtype), pos, *ref_caches, H)
+    q = kernels.rope_kv_update(qkv, cos.to(dtype), sin.to(dtype), pos, *caches, H)  # the tables; row pos
+    ref_q = kernels.rope_kv_update_ref(qkv, cos.to(dtype), sin.to(dtype), pos, *ref_caches, H)
     assert q.shape == (B, H, D) and q.dtype == dtype
     assert rel_err(q.float(), ref_q.float()) < TOL[dtype]
     for c, r in zip(caches, ref_caches):
@@ -262,13 +262,13 @@ def test_rope_kv_update(dtype, B, H, Hkv, D):
 
 
 def rope_case(H, Hkv, D, dtype):
-    """A decode position's cos / sin rows (bf16/fp16-rounded as the model passes them), pos, and
-    random K / V caches (2 sequences, 20 positions) with a copy for the reference."""
+    """The fp32 cos / sin tables of 20 positions (as the model passes them), pos 13, and random K / V
+    caches (2 sequences, 20 positions) with a copy for the reference."""
     from model import ModelArgs, rope_tables
     cos, sin = rope_tables(ModelArgs(head_dim=D, rope_theta=100.0), 20, DEVICE)
     pos = torch.tensor([13], device=DEVICE)
     caches = [torch.randn(2, Hkv, 20, D, device=DEVICE).to(dtype) for _ in range(2)]
-    return (cos[pos].to(dtype), sin[pos].to(dtype), pos), caches, [c.clone() for c in caches]
+    return (cos, sin, pos), caches, [c.clone() for c in caches]
 
 
 def check_rope_outputs(q, ref_q, caches, ref_caches, dtype):
