@@ -1305,8 +1305,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm=None,
     """[residual +] F.linear(norm(x), weight, bias) (norm: an RMSNorm module with .weight, .eps,
     or None). A batch-1 decode step on GPU runs it all in the gemv kernel: the norm in its
     prologue, the residual add in its epilogue (no kernels of their own). rope (the q/k/v
-    projection of a GPU decode step: cos, sin, pos, k_cache, v_cache, n_heads): returns RoPE(q)
-    (B, H, D) and writes RoPE(k), v into the caches; at batch 1, in the gemv's epilogue."""
+    projection of a GPU decode step: the cos, sin tables, pos, k_cache, v_cache, n_heads): returns
+    RoPE(q) (B, H, D) and writes RoPE(k), v into the caches; at batch 1, in the gemv's epilogue."""
     if (rope is not None and bias is None and _gemv_ok(x, weight)
             and rope_fusable(weight.shape[0], DENSE_TUNING["block_n"], *rope)):
         return gemv_rope(x.reshape(1, -1), weight, *norm_args(norm), *rope)
