@@ -1146,6 +1146,17 @@ if triton is not None:
         cfg = gemv_launch_config(x.shape[0], x.shape[1], wt.shape[1], block_n, x.device)
         return x.new_empty(cfg["split"], x.shape[0], wt.shape[1], dtype=torch.float32)
 
+    def _rope_launch(x: Tensor, rope: Optional[tuple]):
+        """For the GEMV launches with RoPE in the epilogue (rope: rope_kv_update's arguments after
+        qkv): the RoPE(q) output (1, H, D) or None, the kernels' RoPE arguments (COS, SIN, POS, KC,
+        VC, q_cols, stride_ch, stride_cl; placeholders without rope), and head_d (0: no RoPE)."""
+        if rope is None:
+            return None, (x, x, x, x, x, 0, 0, 0), 0
+        cos, sin, pos, kc, vc, n_heads = rope
+        D = kc.shape[3]
+        q = torch.empty(1, n_heads, D, dtype=kc.dtype, device=x.device)
+        return q, (cos, sin, pos, kc, vc, n_heads * D, kc.stride(1), kc.stride(2)), D
+
     def _launch_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
                             block_n: int, counters: Tensor, g: Optional[Tensor], eps: float, r: Optional[Tensor],
                             swiglu: bool, compact: bool, rope: Optional[tuple] = None) -> Tensor:
@@ -1155,8 +1166,7 @@ if triton is not None:
         n_out = N // 2 if swiglu else N
         assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
         x = x.contiguous()
-        cos, sin, pos, kc, vc, n_heads = rope if rope is not None else (x, x, x, x, x, 0)
-        head_d = kc.shape[3] if rope is not None else 0
+        q, rope_args, head_d = _rope_launch(x, rope)
         grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
                                                     shift is not None, r is not None, compact, packed_pairs(wt),
                                                     head_d)
@@ -1164,17 +1174,14 @@ if triton is not None:
         if split > 1 and counters.numel() < n_blocks:
             raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
                              "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
-        if rope is not None:  # RoPE(q) out; k and v go into the caches
-            y = torch.empty(1, n_heads, head_d, dtype=kc.dtype, device=x.device)
-        else:
-            y = torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype, device=x.device)
+        y = q if q is not None else torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype,
+                                                device=x.device)  # with RoPE: q out, k and v into the caches
         p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
         s = torch.empty(n_blocks * split * meta["CHUNK"] if compact else 0, dtype=torch.int32, device=x.device)
         _sparse_gemv_kernel[grid](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
             r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
-            wt.stride(0), N, float(eps), cos, sin, pos, kc, vc, n_heads * head_d, kc.stride(1) if rope else 0,
-            kc.stride(2) if rope else 0, **pdl_args(x), **meta)
+            wt.stride(0), N, float(eps), *rope_args, **pdl_args(x), **meta)
         return y
 
     @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
@@ -1213,18 +1220,13 @@ if triton is not None:
         K = x.shape[1]
         N = w1.shape[0]
         x = x.contiguous()
-        cos, sin, pos, kc, vc, n_heads = rope if rope is not None else (x, x, x, x, x, 0)
-        head_d = kc.shape[3] if rope is not None else 0
-        if rope is not None:  # RoPE(q) out; k and v go into the caches
-            y = torch.empty(1, n_heads, head_d, dtype=kc.dtype, device=x.device)
-        else:
-            y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+        q, rope_args, head_d = _rope_launch(x, rope)
+        y = q if q is not None else torch.empty(1, N, dtype=x.dtype, device=x.device)  # RoPE: k, v into the caches
         w2_ = w2 if w2 is not None else w1
         grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None, head_d)
         _gemv_kernel[grid](
             x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), cos, sin, pos, kc, vc, n_heads * head_d,
-            kc.stride(1) if rope else 0, kc.stride(2) if rope else 0, **pdl_args(x), **meta)
+            w1.stride(0), w2_.stride(0), float(eps), *rope_args, **pdl_args(x), **meta)
         return y
 
     @torch.library.custom_op("actsparse::gemv", mutates_args=())

@@ -44,7 +44,7 @@ FLOATS = {"eps", "scale", "t"}
 # step's window tensor at an 8-byte offset, is the one pointer left unaligned, and the attention
 # stats' strides (6 floats per key chunk) the strides left unspecialised.
 DIV16 = {"K", "N", "N_OUT", "col2", "k_per_prog", "q_cols"}
-ROPE = dict(COS=BF16, SIN=BF16, POS=I64, KC=BF16, VC=BF16)  # q/k/v's RoPE epilogue: cos / sin rows, pos, caches
+ROPE = dict(COS=F32, SIN=F32, POS=I64, KC=BF16, VC=BF16)  # the RoPE epilogue: cos / sin tables, pos, caches
 
 
 def resident(regs: int, shared: int, num_warps: int) -> int:
