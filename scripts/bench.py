@@ -8,6 +8,7 @@
     python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
     python scripts/bench.py --sweep --space gemv:programs_per_sm=2,3,4 gemv:num_warps=4   # one axis narrowed
     python scripts/bench.py --skip-dense --batch-sweep --batch 4 --e2e dense teal50 dense  # batch 4 decode
+    python scripts/bench.py --skip-dense --e2e dense teal50 --floor          # + each step vs its read floor
 
 1. Device copy bandwidth: a large device-to-device copy, counting bytes read + written.
 2. Dense decode per preset (random weights, bf16, batch 1): generate.py's compiled
@@ -25,9 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as gen  # noqa: E402
+from kernels import _await_previous, _launch_next  # noqa: E402
 from model import ModelArgs, random_model  # noqa: E402
 
 EAGER_STEP = gen.decode_one_token
@@ -425,6 +429,102 @@ def bench_dense_attention(lengths=(145, 1089, 8256, 32768)):
     return rows
 
 
+# ----------------------------------------------------------------------------- the read floor
+@triton.jit
+def _read_kernel(W, OUT, n_words, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Reads W's first n_words int32 words (grid-stride, BLOCK words per program per step) and
+    stores each program's checksum: a kernel that does nothing but its reads, PDL-chained as the
+    decode kernels are (kernels._await_previous / _launch_next)."""
+    _await_previous(PDL)
+    pid = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), tl.int32)
+    for i in range(pid * BLOCK, n_words, tl.num_programs(0) * BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(W + offs, mask=offs < n_words, other=0)
+    _launch_next(PDL)
+    tl.store(OUT + pid, tl.sum(acc, 0))
+
+
+def floor_reads(args: ModelArgs, s: float, context: int) -> list:
+    """Bytes each kernel of a batch-1 bf16 decode step reads, one kernel per dependency, in launch
+    order: per layer q/k/v, attention (the context's K and V rows), o, gate+up, down, each
+    projection at its (1 - s) share; then the LM head (dense)."""
+    a = args
+    qkv = a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+    layer = [qkv * (1 - s), 2 * context * a.n_kv_heads * a.head_dim, a.n_heads * a.head_dim * a.dim * (1 - s),
+             2 * a.dim * a.intermediate_size * (1 - s), a.intermediate_size * a.dim * (1 - s)]
+    return [2 * int(n) for n in layer] * a.n_layers + [2 * a.vocab_size * a.dim]
+
+
+FLOOR_LAUNCHES = [(8, 2048, 4), (4, 4096, 4)]  # (programs per SM, BLOCK, warps): the floor is the faster
+FLOOR_SPARSITIES = (0.0, 0.25, 0.4, 0.5)
+
+
+def floor_spans(reads, ring_words: int) -> list:
+    """(first word, words) in the ring for each read: one after the other, each 4 KB-aligned (a
+    start off 16 bytes costs the vectorised loads: the floor rose 6% at s 0.501 against 0.5),
+    back to the start when the next would not fit."""
+    spans, at = [], 0
+    for n in reads:
+        words = n // 4
+        if at + words > ring_words:
+            at = 0
+        spans.append((at, words))
+        at += -(-words // 1024) * 1024
+    return spans
+
+
+def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> float:
+    """Seconds per step of floor_reads' kernels as pure reads (CUDA-graph replays, the faster of
+    FLOOR_LAUNCHES): what a decode step costs at sparsity s with one kernel per dependency and
+    nothing but the reads it must do (each kernel's share contiguous, the most DRAM-friendly case).
+    Successive kernels read successive regions of ring (int32, well over L2's size), so no read hits L2."""
+    import kernels
+    sms = torch.cuda.get_device_properties(ring.device).multi_processor_count
+    out = torch.zeros(8 * sms, dtype=torch.int32, device=ring.device)
+    spans = floor_spans(floor_reads(args, s, context), ring.numel())
+    best = float("inf")
+    for pps, block, warps in FLOOR_LAUNCHES:
+        def step(i):
+            for at, words in spans:
+                _read_kernel[(pps * sms,)](ring[at:], out, words, BLOCK=block, num_warps=warps,
+                                           **kernels.pdl_args(ring))
+        best = min(best, graph_time(step, reps=3))
+    return best
+
+
+def bench_floor(preset: str, sparsities, context: int, copy_gbs: float, e2e_rows=()) -> list:
+    """The read floor per sparsity (read_floor), with the bound it puts on a speedup, floor(0) /
+    floor(s); then each batch-1 e2e row of this preset against the floor at its effective sparsity."""
+    args = ModelArgs.from_preset(preset)
+    reads = floor_reads(args, 0.0, context)
+    ring = torch.empty(max(2 << 30, 2 * max(reads)) // 4, dtype=torch.int32, device="cuda").random_(0, 7)
+    floors = {}
+
+    def floor(s):
+        if s not in floors:
+            floors[s] = read_floor(args, s, context, ring)
+        return floors[s]
+
+    rows = []
+    for s in sparsities:
+        ideal = sum(floor_reads(args, s, context)) / (copy_gbs * 1e9)
+        rows.append(dict(preset=preset, sparsity=s, context=context, floor_ms=floor(s) * 1e3, ideal_ms=ideal * 1e3,
+                         kernels=len(reads), bound_vs_floor0=floor(0.0) / floor(s)))
+        print(f"read floor {preset} s {s:.2f} (context {context}, {len(reads)} kernels): {floor(s) * 1e3:.3f} ms per "
+              f"step ({ideal * 1e3:.3f} at copy bandwidth; {(floor(s) - ideal) * 1e6 / len(reads):.2f} us more per "
+              f"kernel); at most {floor(0.0) / floor(s):.3f}x over the s 0 floor", flush=True)
+    for r in e2e_rows:
+        if r["preset"] != preset or r["batch"] != 1 or r["context"] != context:
+            continue
+        s = round(r["effective_sparsity"], 3)
+        step_ms = 1e3 / r["tok_s"]
+        r.update(floor_ms=floor(s) * 1e3, step_over_floor=step_ms / (floor(s) * 1e3))
+        print(f"e2e {preset} {r['method']:>20}: {step_ms:.3f} ms per step = {r['step_over_floor']:.3f}x the read "
+              f"floor at its effective sparsity {s:.3f} ({floor(s) * 1e3:.3f} ms)", flush=True)
+    return rows
+
+
 _GEMV_BUFS = {}
 
 
@@ -626,6 +726,9 @@ def main():
                     help="override one axis of a sweep's space (sweeps: gemv, gemv_batch, attn, dense_attn), "
                          "e.g. gemv:programs_per_sm=2,3,4")
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
+    ap.add_argument("--floor", type=float, nargs="*", metavar="S",
+                    help="the read floor: a step of pure read kernels, one per dependency, at these sparsities "
+                         f"(default {' '.join(map(str, FLOOR_SPARSITIES))}) and at each --e2e row's effective sparsity")
     ap.add_argument("--no-coordinate-descent", action="store_true",
                     help="inductor without coordinate-descent tuning: M=1 matmuls stay on cuBLAS")
     a = ap.parse_args()
@@ -638,6 +741,9 @@ def main():
         SPACES[sweep][axis] = tuple(int(v) for v in values.split(","))
     if a.batch < 1:
         ap.error(f"--batch {a.batch}: give the number of sequences decoded together, 1 or more")
+    for v in a.floor or []:
+        if not 0 <= v < 1:
+            ap.error(f"--floor {v}: a sparsity is a fraction in [0, 1)")
     assert torch.cuda.is_available(), "bench.py needs a CUDA GPU"
     setup_inductor(not a.no_coordinate_descent)
     name = torch.cuda.get_device_name()
@@ -663,12 +769,16 @@ def main():
     if a.e2e:
         for p in a.presets:
             e2e += bench_e2e(p, a.e2e, copy_gbs, a.new_tokens, a.context, a.profile, a.batch)
+    floor = []
+    if a.floor is not None:
+        for p in a.presets:
+            floor += bench_floor(p, a.floor or FLOOR_SPARSITIES, a.context, copy_gbs, e2e)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(
             device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, batch_tuning=batch_tuning,
             gated_tuning=gated_tuning,
             dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
-            e2e=e2e), indent=2))
+            e2e=e2e, floor=floor), indent=2))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -145,6 +146,37 @@ def test_bench_space_overrides_one_axis():
     assert "gemv_batch:num_stages" in p.stderr  # the batch sweep's axes are named too
     p = run("scripts/bench.py", "--batch", "0")  # also before any GPU is needed
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--batch 0: give the number of sequences" in p.stderr
+
+
+def test_bench_read_floor_counts_and_reads_every_byte():
+    """bench.py --floor: floor_reads lists what a batch-1 decode step reads, one kernel per dependency
+    (per layer q/k/v, attention's K and V rows, o, gate+up, down; then the LM head), the projections
+    at their (1 - s) share; the read kernel sums exactly the words it is given, however they split
+    over programs and blocks."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    from model import ModelArgs, random_model
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96, vocab_size=100)
+    model = random_model(args, device="cpu", dtype=torch.bfloat16)
+    names = ("wqkv", "wo", "gate", "up", "down", "output")
+    weights = sum(p.numel() * 2 for n, p in model.named_parameters() if n.split(".")[-2] in names)
+    reads = bench.floor_reads(args, 0.0, 0)
+    assert len(reads) == 5 * 3 + 1 and sum(reads) == weights and reads[-1] == 2 * 100 * 64
+    kv = 2 * 7 * 2 * 16 * 2  # K and V rows: 7 positions x 2 KV heads x 16 dims, bf16
+    assert bench.floor_reads(args, 0.0, 7)[1] == kv and bench.floor_reads(args, 0.5, 7)[1] == kv
+    half = bench.floor_reads(args, 0.5, 0)
+    assert sum(half) - half[-1] == (weights - reads[-1]) // 2 and half[-1] == reads[-1]
+    spans = bench.floor_spans(bench.floor_reads(args, 0.37, 5), 10_000)
+    assert [w for _, w in spans] == [n // 4 for n in bench.floor_reads(args, 0.37, 5)]
+    assert all(at % 1024 == 0 and at + w <= 10_000 for at, w in spans) and spans[0][0] == 0
+    assert all(a1 >= a0 + w0 or a1 == 0 for (a0, w0), (a1, _) in zip(spans, spans[1:]))  # in turn, wrapping
+    w = torch.randint(0, 1000, (1000,), dtype=torch.int32)
+    for n, programs, block in ((1000, 3, 64), (937, 4, 128), (64, 2, 64)):
+        out = torch.full((programs,), -1, dtype=torch.int32)
+        bench._read_kernel[(programs,)](w, out, n, BLOCK=block, PDL=False)
+        assert int(out.sum()) == int(w[:n].sum()), (n, programs, block)
+    p = run("scripts/bench.py", "--floor", "0.5", "1.0")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "--floor 1.0: a sparsity is a fraction" in p.stderr
 
 
 def test_bench_e2e_row_names():
