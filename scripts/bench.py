@@ -31,7 +31,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as gen  # noqa: E402
-from kernels import _await_previous, _launch_next  # noqa: E402
+from kernels import _await_previous, _launch_next, pdl_args  # noqa: E402
 from model import ModelArgs, random_model  # noqa: E402
 
 EAGER_STEP = gen.decode_one_token
@@ -479,7 +479,6 @@ def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> f
     FLOOR_LAUNCHES): what a decode step costs at sparsity s with one kernel per dependency and
     nothing but the reads it must do (each kernel's share contiguous, the most DRAM-friendly case).
     Successive kernels read successive regions of ring (int32, well over L2's size), so no read hits L2."""
-    import kernels
     sms = torch.cuda.get_device_properties(ring.device).multi_processor_count
     out = torch.zeros(8 * sms, dtype=torch.int32, device=ring.device)
     spans = floor_spans(floor_reads(args, s, context), ring.numel())
@@ -488,7 +487,7 @@ def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> f
         def step(i):
             for at, words in spans:
                 _read_kernel[(pps * sms,)](ring[at:], out, words, BLOCK=block, num_warps=warps,
-                                           **kernels.pdl_args(ring))
+                                           **pdl_args(ring))
         best = min(best, graph_time(step, reps=3))
     return best
 
