@@ -37,6 +37,12 @@ captures them in the CUDA graph with no graph break.
    its chunk's kept channels (one load of the chunk, a prefix sum, a scatter to a scratch slot)
    and then walks only those rows, so its loop is (1 - s) times as long; the masked walk over
    every tile waits on each tile's loads however few rows they fetch (at 90%: about half the time).
+   Deferred sums (a layer whose four projections are all sparse, sparsity.DEFER_SUMS): the o and down
+   projections' programs add their partial sums into an fp32 copy of the residual stream with atomics
+   (sparse_gemv_add) and are done; the q/k/v and gate+up kernels wrote that copy while normalising the
+   stream (rounded to the model dtype, as a merge stores it), and gate+up leaves its K chunks' sums to the
+   down projection (sparse_gemv_parts), which forms SiLU(g) * u as it loads them. No program waits for the
+   others: TEAL 50% 1.48x -> 1.55x over dense on an H100 (BENCHMARKS.md session 20).
 
 2. gated_rows: output-sparse GEMV over the rows n of W (output-major, nn.Linear's own
    layout) that a per-row criterion keeps, fused with the MLP's elementwise step:
@@ -338,9 +344,23 @@ if triton is not None:
             tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _sparse_x(X, G, offs_k, k_ok, inv_rms, NORM: tl.constexpr):
-        """A tile of the GEMV's input in fp32: x, or RMSNorm(x) * G given 1/rms."""
-        x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+    def _sparse_x(X, G, offs_k, k_ok, inv_rms, K, NORM: tl.constexpr, ROUND_X: tl.constexpr, GLU_X: tl.constexpr,
+                  DTYPE: tl.constexpr):
+        """A tile of the GEMV's input in fp32: x, or RMSNorm(x) * G given 1/rms. Deferred sums (sparse_gemv_add):
+        ROUND_X: X is the fp32 residual stream that the last projection added into, rounded here to DTYPE as its
+        merge would have stored it; GLU_X > 0: X is gate+up's GLU_X rows of per-chunk sums (2K each: gate, then
+        up), and x = SiLU(sum of gate) * sum of up, rounded to DTYPE, as gate+up's merge would have stored it."""
+        if GLU_X > 0:
+            g = tl.zeros(offs_k.shape, tl.float32)
+            u = tl.zeros(offs_k.shape, tl.float32)
+            for j in tl.static_range(GLU_X):
+                g += tl.load(X + j * 2 * K + offs_k, mask=k_ok, other=0.0)
+                u += tl.load(X + j * 2 * K + K + offs_k, mask=k_ok, other=0.0)
+            x = (g / (1.0 + tl.exp(-g)) * u).to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
+        else:
+            x = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            if ROUND_X:
+                x = x.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
         if NORM:
             x = x * tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32) * inv_rms
         return x
@@ -397,13 +417,13 @@ if triton is not None:
         return tl.where(keep, c, 0.0), w_even, w_odd
 
     @triton.jit
-    def _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK: tl.constexpr, NORM: tl.constexpr,
-                       SWIGLU: tl.constexpr):
+    def _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, K, CHUNK: tl.constexpr, NORM: tl.constexpr,
+                       SWIGLU: tl.constexpr, ROUND_X: tl.constexpr, GLU_X: tl.constexpr, DTYPE: tl.constexpr):
         """Writes to S, in order, the channels k0 <= k < k_end whose input passes a threshold (either
         one with SWIGLU): the whole chunk in one load, positions by a prefix sum. Returns their count."""
         offs = k0 + tl.arange(0, CHUNK)
         ok = offs < k_end
-        x = _sparse_x(X, G, offs, ok, inv_rms, NORM)
+        x = _sparse_x(X, G, offs, ok, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
         keep = tl.abs(x - m1) > t1
         if SWIGLU:
             keep = keep | (tl.abs(x - m2) > t2)
@@ -432,14 +452,15 @@ if triton is not None:
             tl.store(Y + offs_n, y1.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, K, N_OUT, col2, k_per_prog, split,
+    def _sparse_gemv_kernel(X, G, WT, T, M, SHIFT, R, P, COUNT, S, Y, XC, K, N_OUT, col2, k_per_prog, split,
                             stride_wk: tl.constexpr, stride_p, eps, COS, SIN, POS, KC, VC, q_cols, stride_ch,
                             stride_cl, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, K_PAD: tl.constexpr,
                             NORM: tl.constexpr, HAS_MODE: tl.constexpr, SWIGLU: tl.constexpr,
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
                             SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
                             PACKED: tl.constexpr, BOUNDS: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr,
-                            PDL: tl.constexpr):
+                            ROUND_X: tl.constexpr, COPY_X: tl.constexpr, GLU_X: tl.constexpr, ADD: tl.constexpr,
+                            PARTS: tl.constexpr, PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -459,7 +480,13 @@ if triton is not None:
         Several chunks without MERGE (input_sparse_gemv's batch 1): chunk k's sums in row k of Y.
         ROPE (q/k/v, heads of HEAD_D): a column block is half a head's first-half columns, half their
         rotate-half partners (_rope_columns; the pairs in two runs), and the epilogue writes RoPE(q)
-        to Y and RoPE(k), v into the caches KC, VC at POS (_rope_store): no kernel of its own."""
+        to Y and RoPE(k), v into the caches KC, VC at POS (_rope_store): no kernel of its own.
+        Deferred sums (sparse_gemv_add, BENCHMARKS.md session 20): ADD: each program adds its partial sums into Y
+        (fp32) with atomics and is done (no counter, no merging program, no epilogue: Y already holds the
+        residual); PARTS: each program stores its raw partial sums in row pid_k of Y (gate+up; the down
+        projection's GLU_X input sums them); with either, the K chunk 0 programs add W m. COPY_X (NORM): the
+        programs also write the input they normalise (ROUND_X: rounded), a slice each, to XC (fp32): the buffer
+        that the next projection adds into. ROUND_X, GLU_X: see _sparse_x."""
         _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -483,10 +510,17 @@ if triton is not None:
             if HAS_MODE:
                 m2 = tl.load(M + col2 + col0)
         inv_rms = 1.0
+        DTYPE = WT.dtype.element_ty
         if NORM:
             offs_all = tl.arange(0, K_PAD)
             xa = tl.load(X + offs_all, mask=offs_all < K, other=0.0).to(tl.float32)
+            if ROUND_X:
+                xa = xa.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
             inv_rms = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
+            if COPY_X:  # program p writes elements [p * per, (p + 1) * per)
+                per = tl.cdiv(K, tl.num_programs(0) * tl.num_programs(1))
+                lo = (pid_k * tl.num_programs(0) + pid_n) * per
+                tl.store(XC + offs_all, xa, mask=(offs_all >= lo) & (offs_all < lo + per) & (offs_all < K))
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
         offs = tl.arange(0, BLOCK_K)
@@ -499,10 +533,11 @@ if triton is not None:
             # The kept channels' indices first (this program's slot of S), then tiles of kept
             # channels only: the loop runs (1 - s) times as long and every loaded row is needed.
             S += (pid_k * tl.num_programs(0) + pid_n) * CHUNK
-            n = _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, CHUNK, NORM, SWIGLU)
+            n = _kept_channels(X, G, S, k0, k_end, inv_rms, m1, t1, m2, t2, K, CHUNK, NORM, SWIGLU, ROUND_X, GLU_X,
+                               DTYPE)
             tl.debug_barrier()  # every thread's stores before any thread reads the list
             idx = tl.load(S + offs, mask=offs < n, other=k_end)  # k_end: padding, masked below
-            x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)
+            x = _sparse_x(X, G, idx, idx < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
             for j in range(0, n, BLOCK_K):
                 xs1, w1e, w1o = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, True)
                 if SWIGLU:
@@ -510,7 +545,8 @@ if triton is not None:
                                                  PACKED, True)
                 nxt = j + BLOCK_K + offs
                 idx = tl.load(S + nxt, mask=nxt < n, other=k_end)
-                x = _sparse_x(X, G, idx, idx < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                # the next tile's x, before the products
+                x = _sparse_x(X, G, idx, idx < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
                 acc1e += xs1[:, None] * w1e
                 acc1o += xs1[:, None] * w1o
                 if SWIGLU:
@@ -520,7 +556,7 @@ if triton is not None:
             # Every tile of the chunk, offsets from the loop index. One loop for both walks (the
             # offsets carried across iterations, as the list's are) decoded TEAL 50% 2% slower on
             # an H100: 250 vs 256 tok/s in one run (benchmarks/h100_s8_loop_ab_*.txt).
-            x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, NORM)
+            x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
             for kk in range(k0, k_end, BLOCK_K):
                 offs_k = kk + offs
                 xs1, w1e, w1o = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, BOUNDS)
@@ -528,7 +564,8 @@ if triton is not None:
                     xs2, w2e, w2o = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_h, N_OUT, stride_wk,
                                                  PACKED, BOUNDS)
                 nxt = offs_k + BLOCK_K
-                x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, NORM)  # the next tile's x, before the products
+                # the next tile's x, before the products
+                x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
                 acc1e += xs1[:, None] * w1e
                 acc1o += xs1[:, None] * w1o
                 if SWIGLU:
@@ -541,7 +578,18 @@ if triton is not None:
         # Each column's sum, the pairs interleaved back into column order.
         y1 = tl.reshape(tl.join(tl.sum(acc1e, 0), tl.sum(acc1o, 0)), (BLOCK_N,))
         y2 = tl.reshape(tl.join(tl.sum(acc2e, 0), tl.sum(acc2o, 0)), (BLOCK_N,))
-        if MERGE:
+        if ADD or PARTS:
+            if HAS_SHIFT:  # W m, once per column
+                y1 += tl.load(SHIFT + offs_n, mask=n_ok & (pid_k == 0), other=0.0)
+                if SWIGLU:
+                    y2 += tl.load(SHIFT + col2 + offs_n, mask=n_ok & (pid_k == 0), other=0.0)
+            if ADD:
+                tl.atomic_add(Y + offs_n, y1, mask=n_ok, sem="relaxed")
+            else:
+                tl.store(Y + pid_k * stride_p + offs_n, y1, mask=n_ok)
+                if SWIGLU:
+                    tl.store(Y + pid_k * stride_p + col2 + offs_n, y2, mask=n_ok)
+        elif MERGE:
             tl.store(P + pid_k * stride_p + offs_n, y1, mask=n_ok)
             if SWIGLU:
                 tl.store(P + pid_k * stride_p + col2 + offs_n, y2, mask=n_ok)
@@ -1017,11 +1065,14 @@ def gemv_launch_config(B: int, K: int, N: int, block_n: int, device, tuning=None
 
 
 def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mode: bool, swiglu: bool, shift: bool,
-                       residual: bool, compact: bool, packed: bool, head_d: int = 0):
+                       residual: bool, compact: bool, packed: bool, head_d: int = 0, round_x: bool = False,
+                       copy_x: bool = False, glu_x: int = 0, add: bool = False, parts: bool = False):
     """How sparse_gemv launches _sparse_gemv_kernel (scripts/kernel_regs.py compiles the same):
     grid (column blocks, K chunks), the chunk length k_per_prog, constexprs + num_warps.
     packed: the weights qualify for one 32-bit load per column pair (packed_pairs).
-    head_d: q/k/v with RoPE in the epilogue, heads of head_d (sparse_gemv_rope; 0: none)."""
+    head_d: q/k/v with RoPE in the epilogue, heads of head_d (sparse_gemv_rope; 0: none).
+    Deferred sums (the kernel's ROUND_X, COPY_X, GLU_X, ADD, PARTS): round_x, copy_x, glu_x (rows of
+    gate+up partial sums in x), add (sparse_gemv_add), parts (sparse_gemv's parts): no in-kernel merge."""
     if block_n < 2:
         raise ValueError(f"sparse_gemv: column blocks of {block_n}; the kernel reads columns in pairs, so the "
                          "projection sizes must be even (block_n_for gives a power of two dividing them all)")
@@ -1029,10 +1080,12 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     split = cfg["split"]
     # packed also needs an even n_out: with SwiGLU the up block starts n_out columns in
     meta = dict(BLOCK_N=block_n, PACKED=packed and n_out % 2 == 0,
-                BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0,
+                BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0, ROUND_X=round_x, COPY_X=copy_x,
+                GLU_X=glu_x, ADD=add, PARTS=parts,
                 BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
-                HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1, SPLIT_PAD=triton.next_power_of_2(split),
+                HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1 and not (add or parts),
+                SPLIT_PAD=triton.next_power_of_2(split),
                 COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), ROPE=head_d > 0, HEAD_D=head_d,
                 num_warps=cfg["num_warps"])
     return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
@@ -1130,7 +1183,7 @@ if triton is not None:
         if B == 1:  # the fused kernel's masked walk with no prologue or epilogue, the chunks' sums left unmerged
             _, k_per_prog, meta = sparse_gemv_launch(K, N, block_n, x.device, False, m is not None, False, False,
                                                      False, False, packed_pairs(wt))
-            unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y, COS=y, SIN=y, POS=y, KC=y, VC=y, q_cols=0,
+            unused = dict(G=x, SHIFT=t, R=y, P=y, COUNT=y, S=y, XC=y, COS=y, SIN=y, POS=y, KC=y, VC=y, q_cols=0,
                           stride_ch=0, stride_cl=0)  # no norm, shift, residual, merge, list or RoPE
             _sparse_gemv_kernel[grid](X=x, WT=wt, T=t, M=m_, Y=y, K=K, N_OUT=N, col2=N, k_per_prog=k_per_prog,
                                       split=split, stride_wk=wt.stride(0), stride_p=y.stride(0), eps=0.0, **unused,
@@ -1158,30 +1211,40 @@ if triton is not None:
         return q, (cos, sin, pos, kc, vc, n_heads * D, kc.stride(1), kc.stride(2)), D
 
     def _launch_sparse_gemv(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
-                            block_n: int, counters: Tensor, g: Optional[Tensor], eps: float, r: Optional[Tensor],
-                            swiglu: bool, compact: bool, rope: Optional[tuple] = None) -> Tensor:
-        """sparse_gemv and sparse_gemv_rope (rope: rope_kv_update's arguments after qkv)."""
-        K = x.shape[1]
+                            block_n: int, counters: Optional[Tensor], g: Optional[Tensor], eps: float,
+                            r: Optional[Tensor], swiglu: bool, compact: bool, rope: Optional[tuple] = None,
+                            x_copy: Optional[Tensor] = None, acc: Optional[Tensor] = None, glu: bool = False,
+                            parts: bool = False) -> Tensor:
+        """sparse_gemv and sparse_gemv_rope (rope: rope_kv_update's arguments after qkv), sparse_gemv_add (acc)."""
+        K = x.shape[1] // 2 if glu else x.shape[1]
         N = wt.shape[1]
         n_out = N // 2 if swiglu else N
-        assert x.shape[0] == 1 and wt.stride(1) == 1 and not (swiglu and r is not None)
+        assert (glu or x.shape[0] == 1) and wt.stride(1) == 1 and not (swiglu and r is not None)
+        assert x_copy is None or (g is not None and x_copy.dtype == torch.float32 and x_copy.numel() == K)
         x = x.contiguous()
         q, rope_args, head_d = _rope_launch(x, rope)
-        grid, k_per_prog, meta = sparse_gemv_launch(K, n_out, block_n, x.device, g is not None, m is not None, swiglu,
-                                                    shift is not None, r is not None, compact, packed_pairs(wt),
-                                                    head_d)
+        grid, k_per_prog, meta = sparse_gemv_launch(
+            K, n_out, block_n, x.device, g is not None, m is not None, swiglu, shift is not None, r is not None,
+            compact, packed_pairs(wt), head_d, round_x=g is not None and x.dtype == torch.float32,
+            copy_x=x_copy is not None, glu_x=x.shape[0] if glu else 0, add=acc is not None, parts=parts)
         n_blocks, split = grid
-        if split > 1 and counters.numel() < n_blocks:
+        if meta["MERGE"] and counters.numel() < n_blocks:
             raise ValueError(f"sparse_gemv: {counters.numel()} counters for {n_blocks} column blocks; pass the "
                              "decode step's window tensor's tail (sparsity.visible_window) sized for the model")
-        y = q if q is not None else torch.empty(1, n_out, dtype=r.dtype if r is not None else x.dtype,
-                                                device=x.device)  # with RoPE: q out, k and v into the caches
-        p = torch.empty(split if split > 1 else 0, N, dtype=torch.float32, device=x.device)
+        if acc is not None:
+            y = acc
+        elif parts:
+            y = torch.empty(split, N, dtype=torch.float32, device=x.device)
+        else:  # with RoPE: q out, k and v into the caches
+            dtype = r.dtype if r is not None else wt.dtype if meta["ROUND_X"] else x.dtype
+            y = q if q is not None else torch.empty(1, n_out, dtype=dtype, device=x.device)
+        p = torch.empty(split if meta["MERGE"] else 0, N, dtype=torch.float32, device=x.device)
         s = torch.empty(n_blocks * split * meta["CHUNK"] if compact else 0, dtype=torch.int32, device=x.device)
         _sparse_gemv_kernel[grid](
             x, g if g is not None else x, wt, t, m if m is not None else t, shift if shift is not None else t,
-            r.contiguous() if r is not None else y, p, counters, s, y, K, n_out, n_out, k_per_prog, split,
-            wt.stride(0), N, float(eps), *rope_args, **pdl_args(x), **meta)
+            r.contiguous() if r is not None else y, p, counters if counters is not None else s, s, y,
+            x_copy if x_copy is not None else y, K, n_out, n_out, k_per_prog, split, wt.stride(0),
+            N, float(eps), *rope_args, **pdl_args(x), **meta)
         return y
 
     @torch.library.custom_op("actsparse::sparse_gemv", mutates_args=())
@@ -1193,25 +1256,62 @@ if triton is not None:
         at least one per block_n block of output columns, left at zero (the window tensor's tail,
         sparsity.visible_window). Returns (1, N_out), N_out = N (N / 2 with swiglu), in r's dtype
         with a residual, else x's. compact: each program first lists its chunk's kept channels,
-        then walks only those (faster from about 60% sparsity on, slower below: COMPACT_MIN_SPARSITY)."""
+        then walks only those (faster from about 60% sparsity on, slower below: COMPACT_MIN_SPARSITY).
+        x may be fp32 with g (deferred sums: the residual stream that sparse_gemv_add left), rounded to wt's
+        dtype first; the result is then in wt's dtype."""
         return _launch_sparse_gemv(x, wt, t, m, shift, block_n, counters, g, eps, r, swiglu, compact)
 
     @sparse_gemv.register_fake
     def _(x, wt, t, m, shift, block_n, counters, g=None, eps=0.0, r=None, swiglu=False, compact=False):
-        return x.new_empty(1, wt.shape[1] // 2 if swiglu else wt.shape[1], dtype=r.dtype if r is not None else x.dtype)
+        dtype = r.dtype if r is not None else wt.dtype if x.dtype == torch.float32 and g is not None else x.dtype
+        return x.new_empty(1, wt.shape[1] // 2 if swiglu else wt.shape[1], dtype=dtype)
 
-    @torch.library.custom_op("actsparse::sparse_gemv_rope", mutates_args=("k_cache", "v_cache"))
+    @torch.library.custom_op("actsparse::sparse_gemv_parts", mutates_args=("x_copy",))
+    def sparse_gemv_parts(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
+                          block_n: int, g: Tensor, eps: float, compact: bool, x_copy: Tensor) -> Tensor:
+        """Deferred sums (sparse_gemv_add), the merged [gate; up] projection (wt: (K, 2F)) of RMSNorm(x) * g:
+        returns its K chunks' partial sums unmerged, (split, 2F) fp32, gate columns then up columns, shift added
+        in row 0 (sparse_gemv_add's glu forms SiLU(g) * u from them). x: (1, K), may be fp32 (rounded to wt's
+        dtype first, as in sparse_gemv); x_copy: (1, K) fp32, gets that (rounded) x."""
+        return _launch_sparse_gemv(x, wt, t, m, shift, block_n, None, g, eps, None, True, compact, None, x_copy,
+                                   parts=True)
+
+    @sparse_gemv_parts.register_fake
+    def _(x, wt, t, m, shift, block_n, g, eps, compact, x_copy):
+        split = gemv_launch_config(1, x.shape[1], wt.shape[1] // 2, block_n, x.device)["split"]
+        return x.new_empty(split, wt.shape[1], dtype=torch.float32)
+
+    @torch.library.custom_op("actsparse::sparse_gemv_add", mutates_args=("acc",))
+    def sparse_gemv_add(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
+                        block_n: int, acc: Tensor, compact: bool = False, glu: bool = False) -> None:
+        """Deferred sums: acc += sparse_gemv_ref(x', wt, t, m, shift) where x' = x, or with glu
+        x' = SiLU(sum of x[:, :K]) * sum of x[:, K:] rounded to wt's dtype (x: sparse_gemv's parts of
+        gate+up, (split, 2K)). acc: (1, N) fp32, the residual stream as sparse_gemv's x_copy wrote it.
+        Each program adds its K chunk's partial sums into acc with fp32 atomics and is done: no program
+        waits for the others to merge them (1.2-1.8 us less per launch on an H100, BENCHMARKS.md
+        session 20). The atomics' order varies, so acc may differ from run to run in its last bits."""
+        _launch_sparse_gemv(x, wt, t, m, shift, block_n, None, None, 0.0, None, False, compact, None, None, acc,
+                            glu)
+
+    @sparse_gemv_add.register_fake
+    def _(x, wt, t, m, shift, block_n, acc, compact=False, glu=False):
+        return None
+
+    @torch.library.custom_op("actsparse::sparse_gemv_rope", mutates_args=("k_cache", "v_cache", "x_copy"))
     def sparse_gemv_rope(x: Tensor, wt: Tensor, t: Tensor, m: Optional[Tensor], shift: Optional[Tensor],
                          block_n: int, counters: Tensor, g: Optional[Tensor], eps: float, compact: bool, cos: Tensor,
-                         sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int) -> Tensor:
+                         sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_heads: int,
+                         x_copy: Optional[Tensor]) -> Tensor:
         """The q/k/v projection sparse_gemv(x, wt, ...) followed by rope_kv_update(qkv, cos, sin, pos,
         k_cache, v_cache, n_heads), in one launch (the rotation in the epilogue, on the fp32 sums;
-        rope_fusable must hold). Returns RoPE(q) (1, H, D)."""
+        rope_fusable must hold). Returns RoPE(q) (1, H, D). x may be fp32 (as in sparse_gemv); x_copy
+        (deferred sums, sparse_gemv_add; None: none): (1, K) fp32, gets x as normalised (rounded). No default:
+        torch 2.11's custom ops drop a mutated argument left at its default (pytorch issue 176078)."""
         return _launch_sparse_gemv(x, wt, t, m, shift, block_n, counters, g, eps, None, False, compact,
-                                   (cos, sin, pos, k_cache, v_cache, n_heads))
+                                   (cos, sin, pos, k_cache, v_cache, n_heads), x_copy)
 
     @sparse_gemv_rope.register_fake
-    def _(x, wt, t, m, shift, block_n, counters, g, eps, compact, cos, sin, pos, k_cache, v_cache, n_heads):
+    def _(x, wt, t, m, shift, block_n, counters, g, eps, compact, cos, sin, pos, k_cache, v_cache, n_heads, x_copy):
         return x.new_empty(1, n_heads, k_cache.shape[3], dtype=k_cache.dtype)
 
     def _launch_gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor], eps: float,

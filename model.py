@@ -271,12 +271,15 @@ class Attention(nn.Module):
         # at input_pos, by the projection's kernel (batch 1: in its epilogue), which returns RoPE(q) (B, H, D).
         rope = (cos, sin, input_pos, cache.k_cache, cache.v_cache, c.n_heads) \
             if window is not None and cache is not None else None
+        # GPU decode of a layer with every projection sparse: the fp32 buffer that the q/k/v kernel copies x into
+        # and the o projection adds its sums into (deferred sums, see sparsity.DEFER_SUMS); else None.
+        h = sp.deferred_residual(x, self.sparsity, window)
         if self.sparsity is None or self.sparsity.qkv is None:
             qkv = self.wqkv(x, norm=norm, rope=rope)  # wqkv(norm(x)): one fused GEMM (on GPU decode, norm included)
         else:
             # SPARSITY SITE: attention input (q/k/v input; TEAL, SCAP): wqkv(threshold(norm(x))),
             # on GPU decode one kernel with the norm inside.
-            qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows, norm, window, rope)
+            qkv = sp.sparse_qkv(x, self.wqkv, self.sparsity, dense_rows, norm, window, rope, x_copy=h)
         if rope is not None:
             q = qkv[:, :, None]  # (B, H, 1, D)
             k, v = cache.k_cache[:B], cache.v_cache[:B]
@@ -295,7 +298,7 @@ class Attention(nn.Module):
             return self.wo(y, residual=x)  # x + wo(y)
         # SPARSITY SITE: attention output (o_proj input; TEAL, SCAP): x + wo(threshold(y)).
         return sp.sparse_linear(y, self.wo, self.sparsity.o, self.sparsity.stats, "o", dense_rows, residual=x,
-                                window=window)
+                                window=window, acc=h)
 
 
 class FeedForward(nn.Module):

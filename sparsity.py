@@ -56,6 +56,14 @@ DENSE_ATTENTION_KERNEL = True  # dense decode attention on GPU through kernels.d
 # the residual in one kernel (q/k/v: and RoPE + the cache write), as many kernels per layer as dense (BENCHMARKS.md,
 # session 5). False: the norm, input_sparse_gemv and the sums as separate ops (`bench.py --e2e teal50-unfused`, A/B).
 FUSED_SPARSE_GEMV = True
+# Deferred sums, in a batch-1 GPU decode step of a layer whose four projections are all sparse_gemv sites (TEAL,
+# SCAP): the o and down projections add their K chunks' partial sums into an fp32 copy of the residual stream with
+# atomics (kernels.sparse_gemv_add), which the q/k/v and gate+up kernels wrote while normalising it; gate+up leaves
+# its chunks' sums to the down projection, which forms SiLU(g) * u as it loads them. No program waits to merge,
+# 1.2-1.8 us per launch (BENCHMARKS.md session 20). The kernels that read the stream round it as a merge would
+# have, so the step computes the same function; the atomics' order makes the sums' last bits vary between runs.
+# False: every projection merges its own sums (`bench.py --e2e teal50-nodefer`, A/B).
+DEFER_SUMS = True
 # A GPU decode step of B >= 2 sequences reads a weight row if any sequence keeps its channel: about 1 - s^B of the
 # rows for sites calibrated to sparsity s (the sequences' kept channels are close to independent: TEAL 50% on
 # SmolLM2 reads 74% of the rows at batch 2, 91% at batch 4, 98% at batch 8; BENCHMARKS.md session 13). Where that
@@ -112,6 +120,7 @@ class AttentionSparsity:
     scores: Optional[AttentionScores] = None
     sizes: tuple = ()  # (q_size, kv_size, kv_size): how wqkv's rows split
     qkv_kernel: Optional[LinearSite] = None  # q, k, v sites merged per column (kernel path)
+    defers: bool = False  # the layer's GPU decode step can defer its sums (DEFER_SUMS; set by prepare_kernels)
     stats: Optional[dict] = None  # site -> [zeros, total] while recording
 
     @property
@@ -134,6 +143,8 @@ class MLPSparsity:
     gate_up_kernel: Optional[LinearSite] = None  # teal / scap: gate and up sites merged per column (kernel path)
     gate_up_weight: Optional[Tensor] = None  # (2 d_ff, dim) view of the input-major [gate; up] buffer
     kernel_t: float = 0.0  # `threshold` as a Python float for the kernel (no host sync in the graph)
+    defers: bool = False  # as AttentionSparsity.defers
+    next_attn: Optional[AttentionSparsity] = None  # the next layer's: if it defers, it reads this one's fp32 output
     stats: Optional[dict] = None
 
 
@@ -172,9 +183,14 @@ def _kernel_step(x: Tensor, stats) -> bool:
 
 
 def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, name="", dense_rows=None,
-                  weight=None, bias=None, residual=None, window=None) -> Tensor:
+                  weight=None, bias=None, residual=None, window=None, acc=None) -> Tensor:
     """[residual +] linear(x); with a LinearSite, W (x - m) * 1[|x - m| > t] + W m. window: the
-    decode step's visible_window (its counters let the kernel add the residual itself)."""
+    decode step's visible_window (its counters let the kernel add the residual itself). acc (deferred sums,
+    see deferred_residual): the fp32 residual stream that the kernel adds into; returns it."""
+    if acc is not None:
+        kernels.sparse_gemv_add(x.view(1, -1), linear.weight.t(), site.t_col, site.m_col, site.shift_bias,
+                                site.block_n, acc, site.sparsity >= kernels.COMPACT_MIN_SPARSITY)
+        return acc.view(1, 1, -1)
     if site is None:
         y = linear(x) if linear is not None else F.linear(x, weight, bias)
         return y if residual is None else residual + y
@@ -190,14 +206,26 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
     return y if residual is None else residual + y
 
 
+def deferred_residual(x: Tensor, attn: Optional[AttentionSparsity], window) -> Optional[Tensor]:
+    """Deferred sums (DEFER_SUMS) in this layer's decode step: the (1, dim) fp32 buffer that the q/k/v kernel
+    fills with x (rounded) and the o projection adds into (sparse_linear's acc); else None. x may be the
+    previous layer's fp32 output (sparse_mlp)."""
+    if (DEFER_SUMS and attn is not None and attn.defers and x.shape[0] == 1 and window is not None
+            and FUSED_SPARSE_GEMV and _kernel_step(x, attn.stats)):
+        return torch.empty(1, x.shape[-1], dtype=torch.float32, device=x.device)
+    return None
+
+
 def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsity] = None,
-               dense_rows=None, norm=None, window=None, rope=None) -> Tensor:
+               dense_rows=None, norm=None, window=None, rope=None, x_copy=None) -> Tensor:
     """Fused q/k/v projection of norm(x) (or x); with sparsity, each of q, k, v thresholds the
     shared input with its own threshold (TEAL's greedy gives them different sparsities). A GPU
     decode step runs the norm inside the kernel, and with rope (cos, sin, pos, k_cache, v_cache,
-    n_heads) RoPE and the cache write: it then returns RoPE(q) (B, H, D) (kernels.linear)."""
+    n_heads) RoPE and the cache write: it then returns RoPE(q) (B, H, D) (kernels.linear).
+    x_copy (deferred_residual): the kernel also writes x, rounded, into it."""
     if attn is not None and attn.qkv_kernel is not None and _kernel_step(x, attn.stats):
-        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window, rope=rope)
+        return _kernel_linear(x, wqkv.weight, wqkv.bias, attn.qkv_kernel, norm, window=window, rope=rope,
+                              x_copy=x_copy)
     x = norm(x) if norm is not None else x
     if attn is None or attn.qkv is None:
         return kernels.with_rope(wqkv(x), rope)
@@ -216,6 +244,8 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
+        if kernel and mlp.defers and DEFER_SUMS and x.shape[0] == 1 and window is not None and FUSED_SPARSE_GEMV:
+            return _deferred_mlp(x, ffn, mlp, norm)
         if kernel and mlp.gate_up_kernel is not None:
             # gate and up share their input: one launch over the [gate; up] rows, SiLU(g) * u inside
             s = _kernel_linear(x, mlp.gate_up_weight, None, mlp.gate_up_kernel, norm, window=window, swiglu=True)
@@ -257,8 +287,23 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
     return ffn.down(s, residual=residual)
 
 
+def _deferred_mlp(x: Tensor, ffn, mlp: MLPSparsity, norm) -> Tensor:
+    """sparse_mlp's decode step with deferred sums (DEFER_SUMS): gate+up leaves its K chunks' sums unmerged
+    and writes x (rounded) into h; the down projection forms SiLU(g) * u from those sums and adds into h.
+    Returns h (fp32) for a next layer that defers too (its q/k/v kernel rounds it), else h rounded."""
+    h = torch.empty(1, x.shape[-1], dtype=torch.float32, device=x.device)
+    gu, down = mlp.gate_up_kernel, mlp.down
+    parts = kernels.sparse_gemv_parts(x.view(1, -1), mlp.gate_up_weight.t(), gu.t_col, gu.m_col, gu.shift_bias,
+                                      gu.block_n, *kernels.norm_args(norm), gu.sparsity >= kernels.COMPACT_MIN_SPARSITY,
+                                      h)
+    kernels.sparse_gemv_add(parts, ffn.down.weight.t(), down.t_col, down.m_col, down.shift_bias, down.block_n, h,
+                            down.sparsity >= kernels.COMPACT_MIN_SPARSITY, True)
+    nxt = mlp.next_attn
+    return h.view(1, 1, -1) if nxt is not None and nxt.defers else h.to(ffn.down.weight.dtype).view(1, 1, -1)
+
+
 def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None, residual=None, window=None,
-                   swiglu=False, rope=None) -> Tensor:
+                   swiglu=False, rope=None, x_copy=None) -> Tensor:
     """Decode step on GPU: [residual +] the thresholded input-sparse GEMV of norm(x) (weights
     stored input-major; swiglu: [gate; up] merged, SiLU(g) * u). One sequence with the step's
     window (FUSED_SPARSE_GEMV): one kernel, the norm, the partial sums' reduction and the
@@ -271,7 +316,9 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
         args = (x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n, window[2:],
                 *kernels.norm_args(norm))
         if rope is not None and bias is None and kernels.rope_fusable(weight.shape[0], site.block_n, *rope):
-            return kernels.sparse_gemv_rope(*args, compact, *rope)
+            return kernels.sparse_gemv_rope(*args, compact, *rope, x_copy)
+        if x_copy is not None:  # deferred sums, no RoPE in the kernel (a q/k/v bias): the copy as an op
+            x_copy.copy_(x.view(1, K).to(weight.dtype))
         y = kernels.sparse_gemv(*args, residual.view(1, -1) if residual is not None else None, swiglu, compact)
         return kernels.with_rope((y if bias is None else y + bias).view(B, 1, -1), rope)
     x = norm(x) if norm is not None else x
@@ -630,6 +677,9 @@ def apply(model, cfg: Optional[SparsityConfig]):
                 _fill_shift(sites.get(name), getattr(ffn, name).weight)
             ffn.sparsity = mlp
         prepare_kernels(layer, c)
+    for layer, nxt in zip(model.layers, model.layers[1:]):
+        if layer.feed_forward.sparsity is not None:
+            layer.feed_forward.sparsity.next_attn = nxt.attention.sparsity
     return model
 
 
@@ -668,6 +718,12 @@ def prepare_kernels(layer, c, force=False):
                                          block_n=kernels.block_n_for([c.dim]), sparsity=mlp.ratio or 0.0,
                                          parts=((0, c.dim),))
             kernels.make_input_major(ffn.down)
+    # deferred sums (DEFER_SUMS): q/k/v and gate+up normalise the stream and write its copy, o and down add into it
+    defers = (attn is not None and attn.qkv_kernel is not None and attn.o is not None and mlp is not None
+              and mlp.gate_up_kernel is not None and mlp.down is not None)
+    for part in (attn, mlp):
+        if part is not None:
+            part.defers = defers
 
 
 def _merged_site(sites, sizes, dev, head_dim: int = 0) -> LinearSite:

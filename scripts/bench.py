@@ -622,7 +622,7 @@ E2E = {  # name -> calibrate() keyword arguments (paper operating points)
 
 
 # row-name suffixes, e.g. teal50-nopdl, dense-nopdl
-E2E_VARIANTS = ("unfused", "masked", "nopdl", "batchkernel", "cublas")
+E2E_VARIANTS = ("unfused", "masked", "nopdl", "batchkernel", "cublas", "nodefer")
 
 
 def split_row(name: str):
@@ -657,6 +657,8 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
         sp.BATCH_KERNEL_MAX_UNION = dict(batchkernel=1.0, cublas=-1.0).get(suffix, max_union)
         # <row>-nopdl: every kernel launched to wait for the previous one's end (no programmatic dependent launch)
         kernels.PDL = suffix != "nopdl"
+        # <row>-nodefer: every sparse projection merges its own K chunks' sums (no deferred sums)
+        sp.DEFER_SUMS = suffix != "nodefer"
         if base in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
@@ -688,6 +690,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
     kernels.COMPACT_MIN_SPARSITY = compact_min
     sp.BATCH_KERNEL_MAX_UNION = max_union
     kernels.PDL = True
+    sp.DEFER_SUMS = True
     sp.apply(model, None)
     del model
     torch.cuda.empty_cache()
@@ -709,7 +712,8 @@ def main():
                                                   "(+ '-unfused': without kernels.sparse_gemv, '-masked': "
                                                   "sparse_gemv without the kept-channel list, '-nopdl': "
                                                   "no programmatic dependent launch, '-batchkernel' / '-cublas': "
-                                                  "the batch kernels at every batch / cuBLAS from batch 2)")
+                                                  "the batch kernels at every batch / cuBLAS from batch 2, "
+                                                  "'-nodefer': each sparse projection merges its own sums)")
     ap.add_argument("--context", type=int, default=16, help="e2e: tokens in the cache before decoding")
     ap.add_argument("--batch", type=int, default=1,
                     help="e2e: sequences decoded together, tok/s counts all of them (at batch 2-8 a site takes the "

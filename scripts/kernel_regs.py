@@ -118,18 +118,28 @@ def compile_stats(fn, pointers: dict, constexprs: dict, num_warps: int, programs
 
 def sparse_gemv_cases():
     """kernels.sparse_gemv as the model launches it at each Llama-3-8B site (masked and compact; q/k/v with
-    RoPE and the cache write in its epilogue, sparse_gemv_rope, and without)."""
-    for name, K, n_out, norm, swiglu, residual, head_d in (("qkv + RoPE", 4096, 6144, True, False, False, 128),
-                                                           ("qkv", 4096, 6144, True, False, False, 0),
-                                                           ("o", 4096, 4096, False, False, True, 0),
-                                                           ("gate+up", 4096, 14336, True, True, False, 0),
-                                                           ("down", 14336, 4096, False, False, True, 0)):
+    RoPE and the cache write in its epilogue, sparse_gemv_rope, and without), and with deferred sums
+    (sparsity.DEFER_SUMS: q/k/v and gate+up reading the fp32 stream and writing its copy, gate+up's sums
+    unmerged, o and down through sparse_gemv_add, down forming SiLU(g) * u from gate+up's 2 chunks)."""
+    defer_qkv = dict(round_x=True, copy_x=True)
+    for name, K, n_out, norm, swiglu, residual, head_d, defer in (
+            ("qkv + RoPE", 4096, 6144, True, False, False, 128, {}),
+            ("qkv", 4096, 6144, True, False, False, 0, {}),
+            ("o", 4096, 4096, False, False, True, 0, {}),
+            ("gate+up", 4096, 14336, True, True, False, 0, {}),
+            ("down", 14336, 4096, False, False, True, 0, {}),
+            ("qkv + RoPE, deferred", 4096, 6144, True, False, False, 128, defer_qkv),
+            ("o, deferred (add)", 4096, 4096, False, False, False, 0, dict(add=True)),
+            ("gate+up, deferred (parts)", 4096, 14336, True, True, False, 0, dict(defer_qkv, parts=True)),
+            ("down, deferred (add, SiLU(g) * u)", 14336, 4096, False, False, False, 0, dict(glu_x=2, add=True))):
         for compact in (False, True):
             grid, _, meta = kernels.sparse_gemv_launch(K, n_out, kernels.GEMV_TUNING["block_n"], None, norm, False,
-                                                       swiglu, False, residual, compact, True, head_d)
+                                                       swiglu, False, residual, compact, True, head_d, **defer)
+            x = F32 if defer.get("round_x") or defer.get("glu_x") else BF16
+            y = F32 if defer.get("add") or defer.get("parts") else BF16
             yield (f"sparse_gemv {name} {'compact' if compact else 'masked'} (split {grid[1]})",
                    kernels._sparse_gemv_kernel,
-                   dict(X=BF16, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=BF16,
+                   dict(X=x, G=BF16, WT=BF16, T=F32, M=F32, SHIFT=F32, R=BF16, P=F32, COUNT=I32, S=I32, Y=y, XC=F32,
                         **ROPE), grid, dict(meta, stride_wk=2 * n_out if swiglu else n_out))
 
 
