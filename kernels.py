@@ -1072,7 +1072,7 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     packed: the weights qualify for one 32-bit load per column pair (packed_pairs).
     head_d: q/k/v with RoPE in the epilogue, heads of head_d (sparse_gemv_rope; 0: none).
     Deferred sums (the kernel's ROUND_X, COPY_X, GLU_X, ADD, PARTS): round_x, copy_x, glu_x (rows of
-    gate+up partial sums in x), add (sparse_gemv_add), parts (sparse_gemv's parts): no in-kernel merge."""
+    gate+up partial sums in x), add (sparse_gemv_add), parts (sparse_gemv_parts): no in-kernel merge."""
     if block_n < 2:
         raise ValueError(f"sparse_gemv: column blocks of {block_n}; the kernel reads columns in pairs, so the "
                          "projection sizes must be even (block_n_for gives a power of two dividing them all)")
@@ -1286,7 +1286,7 @@ if triton is not None:
                         block_n: int, acc: Tensor, compact: bool = False, glu: bool = False) -> None:
         """Deferred sums: acc += sparse_gemv_ref(x', wt, t, m, shift) where x' = x, or with glu
         x' = SiLU(sum of x[:, :K]) * sum of x[:, K:] rounded to wt's dtype (x: sparse_gemv's parts of
-        gate+up, (split, 2K)). acc: (1, N) fp32, the residual stream as sparse_gemv's x_copy wrote it.
+        gate+up, (split, 2K)). acc: (1, N) fp32, the residual stream as the q/k/v or gate+up kernel copied it.
         Each program adds its K chunk's partial sums into acc with fp32 atomics and is done: no program
         waits for the others to merge them (1.2-1.8 us less per launch on an H100, BENCHMARKS.md
         session 20). The atomics' order varies, so acc may differ from run to run in its last bits."""
