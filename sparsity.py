@@ -96,6 +96,11 @@ class LinearSite:
     block_n: int = 0
     parts: tuple = ()  # (start, end) column ranges of one threshold and mode each (merged q/k/v, gate/up)
 
+    @property
+    def compact(self) -> bool:
+        """The kernels walk this site's list of kept channels (calibrated to >= COMPACT_MIN_SPARSITY)."""
+        return self.sparsity >= kernels.COMPACT_MIN_SPARSITY
+
 
 @dataclass
 class AttentionScores:
@@ -189,7 +194,7 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
     see deferred_residual): the fp32 residual stream that the kernel adds into; returns it."""
     if acc is not None:
         kernels.sparse_gemv_add(x.view(1, -1), linear.weight.t(), site.t_col, site.m_col, site.shift_bias,
-                                site.block_n, acc, site.sparsity >= kernels.COMPACT_MIN_SPARSITY)
+                                site.block_n, acc, site.compact)
         return acc.view(1, 1, -1)
     if site is None:
         y = linear(x) if linear is not None else F.linear(x, weight, bias)
@@ -206,14 +211,18 @@ def sparse_linear(x: Tensor, linear: torch.nn.Linear, site=None, stats=None, nam
     return y if residual is None else residual + y
 
 
+def _defers(x: Tensor, part, window) -> bool:
+    """Does this decode step defer the sums of a layer's attention or MLP (part; DEFER_SUMS)? One sequence
+    through the fused kernels (the step's window), nothing recorded, the layer prepared for it."""
+    return (DEFER_SUMS and part is not None and part.defers and x.shape[0] == 1 and window is not None
+            and FUSED_SPARSE_GEMV and _kernel_step(x, part.stats))
+
+
 def deferred_residual(x: Tensor, attn: Optional[AttentionSparsity], window) -> Optional[Tensor]:
     """Deferred sums (DEFER_SUMS) in this layer's decode step: the (1, dim) fp32 buffer that the q/k/v kernel
     fills with x (rounded) and the o projection adds into (sparse_linear's acc); else None. x may be the
     previous layer's fp32 output (sparse_mlp)."""
-    if (DEFER_SUMS and attn is not None and attn.defers and x.shape[0] == 1 and window is not None
-            and FUSED_SPARSE_GEMV and _kernel_step(x, attn.stats)):
-        return torch.empty(1, x.shape[-1], dtype=torch.float32, device=x.device)
-    return None
+    return torch.empty(1, x.shape[-1], dtype=torch.float32, device=x.device) if _defers(x, attn, window) else None
 
 
 def sparse_qkv(x: Tensor, wqkv: torch.nn.Linear, attn: Optional[AttentionSparsity] = None,
@@ -244,7 +253,7 @@ def sparse_mlp(x: Tensor, ffn, mlp: MLPSparsity, dense_rows=None, norm=None, res
         return _kernel_mlp(x, ffn, mlp, norm, residual, window)
     if m in ("teal", "scap"):
         # TEAL sec. 3.1 / SCAP sec. 3: threshold the input of gate, up and down.
-        if kernel and mlp.defers and DEFER_SUMS and x.shape[0] == 1 and window is not None and FUSED_SPARSE_GEMV:
+        if _defers(x, mlp, window):
             return _deferred_mlp(x, ffn, mlp, norm)
         if kernel and mlp.gate_up_kernel is not None:
             # gate and up share their input: one launch over the [gate; up] rows, SiLU(g) * u inside
@@ -294,10 +303,9 @@ def _deferred_mlp(x: Tensor, ffn, mlp: MLPSparsity, norm) -> Tensor:
     h = torch.empty(1, x.shape[-1], dtype=torch.float32, device=x.device)
     gu, down = mlp.gate_up_kernel, mlp.down
     parts = kernels.sparse_gemv_parts(x.view(1, -1), mlp.gate_up_weight.t(), gu.t_col, gu.m_col, gu.shift_bias,
-                                      gu.block_n, *kernels.norm_args(norm), gu.sparsity >= kernels.COMPACT_MIN_SPARSITY,
-                                      h)
+                                      gu.block_n, *kernels.norm_args(norm), gu.compact, h)
     kernels.sparse_gemv_add(parts, ffn.down.weight.t(), down.t_col, down.m_col, down.shift_bias, down.block_n, h,
-                            down.sparsity >= kernels.COMPACT_MIN_SPARSITY, True)
+                            down.compact, True)
     nxt = mlp.next_attn
     return h.view(1, 1, -1) if nxt is not None and nxt.defers else h.to(ffn.down.weight.dtype).view(1, 1, -1)
 
@@ -311,7 +319,7 @@ def _kernel_linear(x: Tensor, weight: Tensor, bias, site: LinearSite, norm=None,
     kept channels), and for q/k/v RoPE and the cache write (rope: see kernels.linear);
     otherwise norm, kernel, sums, add, as ops."""
     B, S, K = x.shape
-    compact = site.sparsity >= kernels.COMPACT_MIN_SPARSITY  # list the kept channels first
+    compact = site.compact  # list the kept channels first
     if B == 1 and window is not None and FUSED_SPARSE_GEMV:
         args = (x.view(1, K), weight.t(), site.t_col, site.m_col, site.shift_bias, site.block_n, window[2:],
                 *kernels.norm_args(norm))
