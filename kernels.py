@@ -288,10 +288,10 @@ if triton is not None:
             tl.store(row + HEAD_D // 2, b.to(KC.dtype.element_ty))
 
     @triton.jit
-    def _gemv_kernel(X, W1, W2, G, R, Y, K, N, stride_w1, stride_w2, eps, COS, SIN, POS, KC, VC, q_cols, stride_ch,
-                     stride_cl, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     ROPE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(X, W1, W2, G, R, Y, XN, K, N, stride_w1, stride_w2, eps, COS, SIN, POS, KC, VC, q_cols,
+                     stride_ch, stride_cl, SWIGLU: tl.constexpr, NORM: tl.constexpr, NORM_OUT: tl.constexpr,
+                     RESIDUAL: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         """Dense batch-1 GEMV over BLOCK_N weight rows (whole K per program, no split): a 2-D
         fp32 accumulator, one reduction at the end; SWIGLU: rows of W1 and W2, SiLU(g) * u.
         NORM: the input is RMSNorm(x) * G. Every program walks all of x anyway, so it sums x^2
@@ -299,7 +299,8 @@ if triton is not None:
         costs no extra pass and no kernel of its own. RESIDUAL: adds R (the residual stream).
         ROPE (q/k/v, heads of HEAD_D): each program's rows are half from a head's first half, half
         their rotate-half partners, and the epilogue writes RoPE(q) to Y and RoPE(k), v into the
-        caches KC, VC at POS (_rope_store): no kernel of its own."""
+        caches KC, VC at POS (_rope_store): no kernel of its own. NORM_OUT: the programs also write
+        RMSNorm(x) * G to XN, tile i by program i (grid-stride), once their 1/rms is known."""
         _await_previous(PDL)
         pid = tl.program_id(0)
         if ROPE:
@@ -331,6 +332,13 @@ if triton is not None:
         if NORM:
             inv_rms = 1.0 / tl.sqrt(tl.sum(sumsq, 0) / K + eps)
             y = y * inv_rms
+            if NORM_OUT:  # x's tiles again (in L2 by now), normalised
+                for k0 in range(pid * BLOCK_K, K, tl.num_programs(0) * BLOCK_K):
+                    offs_k = k0 + offs
+                    k_ok = offs_k < K
+                    xn = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32) * inv_rms
+                    xn = xn * tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    tl.store(XN + offs_k, xn.to(XN.dtype.element_ty), mask=k_ok)
         if SWIGLU:
             y2 = tl.sum(acc2, 1)
             if NORM:
@@ -1107,13 +1115,14 @@ def input_sparse_gemv_launch(B: int, K: int, N: int, block_n: int, device, mode:
     return (triton.cdiv(N, block_n), split), dict(cfg, B_PAD=16, HAS_MODE=mode, DOT_FP32=dot_fp32 or INTERPRET)
 
 
-def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool, head_d: int = 0):
+def gemv_launch(N: int, swiglu: bool, norm: bool, residual: bool, head_d: int = 0, norm_out: bool = False):
     """How gemv launches _gemv_kernel: grid and constexprs + num_warps (DENSE_ / SWIGLU_TUNING).
-    head_d: q/k/v with RoPE in the epilogue, heads of head_d (gemv_rope; 0: none)."""
+    head_d: q/k/v with RoPE in the epilogue, heads of head_d (gemv_rope; 0: none); norm_out: gemv_norm."""
     tn = SWIGLU_TUNING if swiglu else DENSE_TUNING
-    return (triton.cdiv(N, tn["block_n"]),), dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual, ROPE=head_d > 0,
-                                                  HEAD_D=head_d, BLOCK_N=tn["block_n"], BLOCK_K=tn["block_k"],
-                                                  STAGES=tn["num_stages"], num_warps=tn["num_warps"])
+    return (triton.cdiv(N, tn["block_n"]),), dict(SWIGLU=swiglu, NORM=norm, NORM_OUT=norm_out, RESIDUAL=residual,
+                                                  ROPE=head_d > 0, HEAD_D=head_d, BLOCK_N=tn["block_n"],
+                                                  BLOCK_K=tn["block_k"], STAGES=tn["num_stages"],
+                                                  num_warps=tn["num_warps"])
 
 
 def rope_fusable(n_cols: int, block_n: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor,
@@ -1315,18 +1324,19 @@ if triton is not None:
         return x.new_empty(1, n_heads, k_cache.shape[3], dtype=k_cache.dtype)
 
     def _launch_gemv(x: Tensor, w1: Tensor, w2: Optional[Tensor], g: Optional[Tensor], eps: float,
-                     r: Optional[Tensor], rope: Optional[tuple] = None) -> Tensor:
-        """gemv and gemv_rope (rope: rope_kv_update's arguments after qkv)."""
+                     r: Optional[Tensor], rope: Optional[tuple] = None, xn: Optional[Tensor] = None) -> Tensor:
+        """gemv, gemv_rope (rope: rope_kv_update's arguments after qkv) and gemv_norm (xn: x's normalised copy)."""
         K = x.shape[1]
         N = w1.shape[0]
         x = x.contiguous()
         q, rope_args, head_d = _rope_launch(x, rope)
         y = q if q is not None else torch.empty(1, N, dtype=x.dtype, device=x.device)  # RoPE: k, v into the caches
         w2_ = w2 if w2 is not None else w1
-        grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None, head_d)
+        grid, meta = gemv_launch(N, w2 is not None, g is not None, r is not None, head_d, xn is not None)
         _gemv_kernel[grid](
-            x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y, K, N,
-            w1.stride(0), w2_.stride(0), float(eps), *rope_args, **pdl_args(x), **meta)
+            x, w1, w2_, g if g is not None else x, r.contiguous() if r is not None else y, y,
+            xn if xn is not None else x, K, N, w1.stride(0), w2_.stride(0), float(eps), *rope_args, **pdl_args(x),
+            **meta)
         return y
 
     @torch.library.custom_op("actsparse::gemv", mutates_args=())
@@ -1340,6 +1350,17 @@ if triton is not None:
     @gemv.register_fake
     def _(x, w1, w2, g=None, eps=0.0, r=None):
         return x.new_empty(1, w1.shape[0])
+
+    @torch.library.custom_op("actsparse::gemv_norm", mutates_args=())
+    def gemv_norm(x: Tensor, w: Tensor, g: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """gemv(x, w, None, g, eps) and x' = RMSNorm(x) * g in x's dtype, (1, N) and (1, K), in one launch: the
+        programs write x' once their sums are in (for the kernel after it: the neuron methods' gated_rows)."""
+        xn = torch.empty_like(x)
+        return _launch_gemv(x, w, None, g, eps, None, xn=xn), xn
+
+    @gemv_norm.register_fake
+    def _(x, w, g, eps):
+        return x.new_empty(1, w.shape[0]), torch.empty_like(x)
 
     @torch.library.custom_op("actsparse::gemv_rope", mutates_args=("k_cache", "v_cache"))
     def gemv_rope(x: Tensor, w: Tensor, g: Optional[Tensor], eps: float, cos: Tensor, sin: Tensor, pos: Tensor,
@@ -1424,6 +1445,16 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm, residual: O
         return y if bias is None else y + bias
     y = torch.nn.functional.linear(norm(x) if norm is not None else x, weight, bias)
     return y if residual is None else residual + y
+
+
+def linear_norm(x: Tensor, weight: Tensor, norm) -> tuple:
+    """(F.linear(x', weight), x'), x' = norm(x) (or x). A batch-1 decode step on GPU runs one gemv kernel
+    (gemv_norm), which also writes x' for the kernel after it (the neuron methods' gated_rows)."""
+    if norm is not None and _gemv_ok(x, weight):
+        y, xn = gemv_norm(x.reshape(1, -1), weight, norm.weight, norm.eps)
+        return y.view(*x.shape[:-1], weight.shape[0]), xn.view(x.shape)
+    x = norm(x) if norm is not None else x
+    return _linear(x, weight, None, None, None), x
 
 
 def swiglu(x: Tensor, gate: torch.nn.Linear, up: torch.nn.Linear, norm=None) -> Tensor:

@@ -144,6 +144,9 @@ class MLPSparsity:
     predictor_v: Optional[Tensor] = None  # d-countdown: logit = (x V) U^T + b, V: (dim, r)
     predictor_u: Optional[Tensor] = None  # U: (d_ff, r)
     predictor_b: Optional[Tensor] = None  # b: (d_ff,)
+    predictor_vt: Optional[Tensor] = None  # kernel path: V^T (r, dim), U, b (1, d_ff) in the model's dtype
+    predictor_ut: Optional[Tensor] = None
+    predictor_bt: Optional[Tensor] = None
     down_kernel: Optional[LinearSite] = None  # t = 0 on the down input: skip exact zeros (kernel path)
     gate_up_kernel: Optional[LinearSite] = None  # teal / scap: gate and up sites merged per column (kernel path)
     gate_up_weight: Optional[Tensor] = None  # (2 d_ff, dim) view of the input-major [gate; up] buffer
@@ -359,19 +362,26 @@ def _dense_union(x: Tensor, weight: Tensor, site: LinearSite) -> Tensor:
 def _kernel_mlp(x: Tensor, ffn, mlp: MLPSparsity, norm=None, residual=None, window=None) -> Tensor:
     """Decode step on GPU for the neuron-selecting methods: the kept rows of gate/up are
     computed (kernels.gated_rows, fused with SiLU and the product), then the down
-    projection reads only the columns of non-zero coefficients (and adds the residual)."""
-    x = norm(x) if norm is not None else x
+    projection reads only the columns of non-zero coefficients (and adds the residual).
+    The dense GEMV that picks the rows (gate, up, or the predictor's first factor) runs the MLP's
+    norm and, for one sequence, writes its output x' for gated_rows (kernels.linear_norm)."""
     B, S, K = x.shape
     x2 = x.view(B, K)
     m = mlp.method
     if m == "cats":
-        s = kernels.gated_rows(x2, ffn.up.weight, None, ffn.gate(x2), mlp.kernel_t, 0)
+        gate, x2 = kernels.linear_norm(x2, ffn.gate.weight, norm)
+        s = kernels.gated_rows(x2, ffn.up.weight, None, gate, mlp.kernel_t, 0)
     elif m == "m-countdown":
-        s = kernels.gated_rows(x2, ffn.gate.weight, None, ffn.up(x2), mlp.kernel_t, 1)
+        up, x2 = kernels.linear_norm(x2, ffn.up.weight, norm)
+        s = kernels.gated_rows(x2, ffn.gate.weight, None, up, mlp.kernel_t, 1)
     elif m == "d-countdown":
-        s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, predictor_logits(x2, mlp), 0.0, 2)
+        # the predictor (x' V) U^T + b: two GEMVs of weights cast and laid out once (prepare_kernels), b added in
+        # the second one's epilogue
+        h, x2 = kernels.linear_norm(x2, mlp.predictor_vt, norm)
+        p = kernels.linear(h, mlp.predictor_ut, None, residual=mlp.predictor_bt)
+        s = kernels.gated_rows(x2, ffn.gate.weight, ffn.up.weight, p, 0.0, 2)
     elif m == "d-countdown-oracle":
-        s = kernels.swiglu(x2, ffn.gate, ffn.up)
+        s = kernels.swiglu(x2, ffn.gate, ffn.up, norm)
         s = s * topk_mask(s.abs(), s.shape[-1] - int(round(mlp.ratio * s.shape[-1])))
     else:
         raise ValueError(f"no fused MLP kernel path for {m!r}")
@@ -726,6 +736,11 @@ def prepare_kernels(layer, c, force=False):
                                          block_n=kernels.block_n_for([c.dim]), sparsity=mlp.ratio or 0.0,
                                          parts=((0, c.dim),))
             kernels.make_input_major(ffn.down)
+            if mlp.predictor_v is not None:  # D-COUNTDOWN's predictor in the model's dtype, row-major for kernels.gemv
+                dt = ffn.gate.weight.dtype
+                mlp.predictor_vt = mlp.predictor_v.t().to(dt).contiguous()
+                mlp.predictor_ut = mlp.predictor_u.to(dt).contiguous()
+                mlp.predictor_bt = mlp.predictor_b.to(dt).view(1, -1)
     # deferred sums (DEFER_SUMS): q/k/v and gate+up normalise the stream and write its copy, o and down add into it
     defers = (attn is not None and attn.qkv_kernel is not None and attn.o is not None and mlp is not None
               and mlp.gate_up_kernel is not None and mlp.down is not None)

@@ -186,7 +186,8 @@ def gemv_cases():
                                                         ("dense gate/up", 14336, True, True, False, 0),
                                                         ("dense down", 4096, False, False, True, 0)):
         grid, meta = kernels.gemv_launch(n_out, swiglu, norm, residual, head_d)
-        yield name, kernels._gemv_kernel, dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16, **ROPE), grid, meta
+        pointers = dict(X=BF16, W1=BF16, W2=BF16, G=BF16, R=BF16, Y=BF16, XN=BF16, **ROPE)
+        yield name, kernels._gemv_kernel, pointers, grid, meta
 
 
 def main():

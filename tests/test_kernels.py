@@ -280,6 +280,23 @@ def test_dense_gemv(dtype, swiglu, fused, K, N, monkeypatch):
         assert rel_err(y.float() - r.float(), ref - r.float()) < TOL[dtype] * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", [(200, 77), (1030, 8)])  # one partial K block; 9 K blocks, one program
+def test_gemv_norm(dtype, K, N, monkeypatch):
+    """gemv_norm: the gemv with the norm folded in, and x' = RMSNorm(x) * g written by its programs (grid-stride
+    over x's tiles), rounded to x's dtype; poisoned outputs."""
+    monkeypatch.setattr(kernels, "DENSE_TUNING", dict(kernels.DENSE_TUNING, block_k=128))
+    x = (3 * torch.randn(1, K, device=DEVICE)).to(dtype)
+    w = (torch.randn(N, K, device=DEVICE) / K ** 0.5).to(dtype)
+    g = torch.rand(K, device=DEVICE).add(0.5).to(dtype)
+    torch.empty(1, N + K, dtype=dtype, device=DEVICE).fill_(float("nan"))
+    y, xn = kernels.gemv_norm(x, w, g, 1e-5)
+    assert y.shape == (1, N) and xn.shape == (1, K) and xn.dtype == dtype
+    assert rel_err(y.float(), kernels.gemv_ref(x, w, None, g, 1e-5)) < TOL[dtype]
+    ref = kernels.rms_norm_ref(x, g, 1e-5)  # each element within one unit in the last place (fp32: a few)
+    assert ((xn.float() - ref).abs() <= {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -7}[dtype] * ref.abs()).all()
+
+
 def test_linear_dispatch(monkeypatch):
     from model import RMSNorm
     """kernels.linear / swiglu: the gemv kernel for one token on the kernel path (bias added),
@@ -655,6 +672,8 @@ def test_model_sparse_decode_fused_path_equals_reference(method, dtype, sparsity
     monkeypatch.setattr(kernels, "sparse_gemv_add",  # deferred sums: o (x: the attention output), down (glu)
                         lambda *a: adds.append(a[8] if len(a) > 8 else False) or calls.append((False, a[7]))
                         or real_add(*a))
+    normed, real_norm = [], kernels.gemv_norm  # CATS / COUNTDOWN: the MLP's norm inside the GEMV before gated_rows
+    monkeypatch.setattr(kernels, "gemv_norm", lambda *a: normed.append(1) or real_norm(*a))
 
     def prepare(model):
         sp.apply(model, cfg)
@@ -669,6 +688,7 @@ def test_model_sparse_decode_fused_path_equals_reference(method, dtype, sparsity
     deferred = defer and method in ("teal", "scap")
     assert adds == ([False, True] * 3 * 2 if deferred else [])  # o, then down from gate+up's sums; per layer, step
     assert all(compact == ((sparsity or 0) >= kernels.COMPACT_MIN_SPARSITY) for _, compact in calls)
+    assert len(normed) == (0 if method in ("teal", "scap") else 3 * 2)
     # fp32: the same function. bf16: channels near a threshold fall on either side in the two
     # paths (the kernel thresholds the fp32 RMSNorm(x) * g, the PyTorch path its bf16 rounding),
     # so only "no worse than the PyTorch path" is asked.
