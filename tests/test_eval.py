@@ -11,7 +11,8 @@ import eval as ev
 import sparsity as sp
 
 
-@pytest.mark.parametrize("task,limit", [("arc_easy", 50), ("hellaswag", 30), ("winogrande", 40), ("mmlu", 20)])
+# small limits (CI time): the wrappers must agree to within one document per metric
+@pytest.mark.parametrize("task,limit", [("arc_easy", 20), ("hellaswag", 15), ("winogrande", 20), ("mmlu", 5)])
 def test_wrapper_scores_equal_lm_eval_hf(smollm2, hf_smollm2, task, limit):
     from lm_eval.models.huggingface import HFLM
     (model, tok), (hf, hf_tok) = smollm2, hf_smollm2
