@@ -10,6 +10,8 @@ captures them in the CUDA graph with no graph break.
    optionally two weights at once with the SwiGLU product fused (gate and up in one pass).
    Used by the dense model: measured closer to copy bandwidth than cuBLAS's and inductor's
    GEMVs on the Llama shapes (BENCHMARKS.md), so dense vs sparse compares two tuned kernels.
+   gemv_norm / linear_norm: the same with the RMSNorm folded in, also writing the normalised x
+   for the kernel after it (the neuron methods' gated_rows).
 
 1. input_sparse_gemv: y = W ((x - m) * 1[|x - m| > t]) (+ W m), TEAL / SCAP / the down
    projection of CATS and COUNTDOWN. W is stored input-major (wt = W^T, (K, N)
