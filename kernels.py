@@ -338,8 +338,7 @@ if triton is not None:
                 for k0 in range(pid * BLOCK_K, K, tl.num_programs(0) * BLOCK_K):
                     offs_k = k0 + offs
                     k_ok = offs_k < K
-                    xn = tl.load(X + offs_k, mask=k_ok, other=0.0).to(tl.float32) * inv_rms
-                    xn = xn * tl.load(G + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                    xn = _sparse_x(X, G, offs_k, k_ok, inv_rms, K, True, False, 0, XN.dtype.element_ty)
                     tl.store(XN + offs_k, xn.to(XN.dtype.element_ty), mask=k_ok)
         if SWIGLU:
             y2 = tl.sum(acc2, 1)
