@@ -386,7 +386,7 @@ if triton is not None:
 
     @triton.jit
     def _column_pairs(WT, offs_k, offs_h, keep, n_out, stride_wk: tl.constexpr, PACKED: tl.constexpr,
-                      BOUNDS: tl.constexpr):
+                      BOUNDS: tl.constexpr, GROUPED: tl.constexpr):
         """Rows offs_k of WT (those with keep; the others read as zeros, not loaded) at the column
         pairs offs_h, i.e. columns 2h and 2h + 1, as two fp32 tiles: the even columns, the odd ones.
         PACKED (16-bit weights, even row stride, 4-byte aligned, even column count): one 32-bit
@@ -394,16 +394,21 @@ if triton is not None:
         conversion of a bf16 tile took about 1.5 instructions per value: the masked walk's loop fell
         from 264 to 215 instructions per tile (down projection, sm_90 SASS; BENCHMARKS.md session
         14). Otherwise (fp32 weights, 16-bit rows at odd addresses): a (rows, pairs, 2) tile, split.
-        BOUNDS: mask columns >= n_out."""
+        BOUNDS: mask columns >= n_out. GROUPED: the PACKED offsets summed before the pointer add (below)."""
         if PACKED:
             mask = keep[:, None]
             if BOUNDS:
                 mask = mask & (offs_h < n_out // 2)[None, :]
-            # The offsets summed first, then one pointer add: ptxas schedules the walk differently (the qkv site's
-            # kept-channel loop 250 -> 242 SASS instructions per tile), and TEAL 50% decoded 0.8-0.9% faster end to
-            # end (H100, one process, BENCHMARKS.md session 17). Grouped so in gated_rows, it ran 7-34% slower.
-            w = tl.load(WT.to(tl.pointer_type(tl.int32)) + (offs_k[:, None] * (stride_wk // 2) + offs_h[None, :]),
-                        mask=mask, other=0)
+            # GROUPED, the offsets summed first, then one pointer add: ptxas schedules the walk differently (the qkv
+            # site's kept-channel loop 250 -> 242 SASS instructions per tile), and TEAL 50% decoded 0.8-0.9% faster
+            # end to end (H100, one process, BENCHMARKS.md session 17). Not where grouping measured slower, which add
+            # the row offsets to the pointer first: the merged gate+up kernel's kept-channel walk (1.47x slower
+            # grouped: 4096 -> 28672 at 90% 21.3 vs 14.5 us, session 22) and gated_rows (7-34%, session 17).
+            w_int = WT.to(tl.pointer_type(tl.int32))
+            if GROUPED:
+                w = tl.load(w_int + (offs_k[:, None] * (stride_wk // 2) + offs_h[None, :]), mask=mask, other=0)
+            else:
+                w = tl.load(w_int + offs_k[:, None] * (stride_wk // 2) + offs_h[None, :], mask=mask, other=0)
             return _halves(w, WT.dtype.element_ty)
         offs_n = 2 * offs_h[:, None] + tl.arange(0, 2)[None, :]  # (pairs, 2): columns 2h, 2h + 1
         mask = keep[:, None, None]
@@ -414,7 +419,7 @@ if triton is not None:
 
     @triton.jit
     def _sparse_tile(WT, offs_k, k_end, x, m, t, offs_h, n_out, stride_wk: tl.constexpr, PACKED: tl.constexpr,
-                     BOUNDS: tl.constexpr):
+                     BOUNDS: tl.constexpr, GROUPED: tl.constexpr):
         """One tile: the thresholded inputs (x - m) * 1[|x - m| > t] and the weight rows of the
         kept channels (the others are not loaded), as even and odd columns (_column_pairs).
         BOUNDS False: the caller knows every channel is < k_end and every column < n_out."""
@@ -422,7 +427,7 @@ if triton is not None:
         keep = tl.abs(c) > t
         if BOUNDS:
             keep = keep & (offs_k < k_end)
-        w_even, w_odd = _column_pairs(WT, offs_k, offs_h, keep, n_out, stride_wk, PACKED, BOUNDS)
+        w_even, w_odd = _column_pairs(WT, offs_k, offs_h, keep, n_out, stride_wk, PACKED, BOUNDS, GROUPED)
         return tl.where(keep, c, 0.0), w_even, w_odd
 
     @triton.jit
@@ -548,10 +553,12 @@ if triton is not None:
             idx = tl.load(S + offs, mask=offs < n, other=k_end)  # k_end: padding, masked below
             x = _sparse_x(X, G, idx, idx < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
             for j in range(0, n, BLOCK_K):
-                xs1, w1e, w1o = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, True)
+                # gate+up: row offsets added to the pointer one by one (_column_pairs' GROUPED)
+                xs1, w1e, w1o = _sparse_tile(WT, idx, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, True,
+                                             not SWIGLU)
                 if SWIGLU:
                     xs2, w2e, w2o = _sparse_tile(WT + col2, idx, k_end, x, m2, t2, offs_h, N_OUT, stride_wk,
-                                                 PACKED, True)
+                                                 PACKED, True, False)
                 nxt = j + BLOCK_K + offs
                 idx = tl.load(S + nxt, mask=nxt < n, other=k_end)
                 # the next tile's x, before the products
@@ -568,10 +575,11 @@ if triton is not None:
             x = _sparse_x(X, G, k0 + offs, k0 + offs < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
             for kk in range(k0, k_end, BLOCK_K):
                 offs_k = kk + offs
-                xs1, w1e, w1o = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, BOUNDS)
+                xs1, w1e, w1o = _sparse_tile(WT, offs_k, k_end, x, m1, t1, offs_h, N_OUT, stride_wk, PACKED, BOUNDS,
+                                             True)
                 if SWIGLU:
                     xs2, w2e, w2o = _sparse_tile(WT + col2, offs_k, k_end, x, m2, t2, offs_h, N_OUT, stride_wk,
-                                                 PACKED, BOUNDS)
+                                                 PACKED, BOUNDS, True)
                 nxt = offs_k + BLOCK_K
                 # the next tile's x, before the products
                 x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
