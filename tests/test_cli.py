@@ -193,3 +193,27 @@ def test_bench_e2e_row_names():
     assert bench.split_row("dense-sdpa") == ("dense-sdpa", "")
     for name in ("teal50", "top-theta", "d-countdown-oracle70", "scap-unfused", "top-theta-nopdl"):
         assert bench.split_row(name)[0] in bench.E2E
+
+
+def test_bench_time_decode_records_its_decode():
+    """bench.time_decode(record=True): the sites' sparsity over an eager decode of the timed prompt, the decode steps
+    only (the prompt is prefilled dense): the same numbers as generate(record_decode=True) on that prompt."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    import calibrate as cal
+    import generate as gen
+    import sparsity as sp
+    from model import ModelArgs, random_model
+    torch.manual_seed(0)
+    model = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                                   vocab_size=61), device="cpu", dtype=torch.float32)
+    cfg = cal.calibrate(model, torch.randint(0, 61, (2, 16)), progress=False, method="teal", sparsity=0.5)
+    sp.apply(model, cfg)
+    torch.manual_seed(1)
+    sec, measured = bench.time_decode(model, context=5, new_tokens=4, reps=1, record=True)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 61, (1, 5), dtype=torch.int)
+    gen.generate(model, prompt[0], max_new_tokens=5, dense_prefix=5, record_decode=True)
+    expected = sp.stop_recording(model)
+    assert sec > 0 and sorted(measured) == [0, 1] and measured == expected
+    assert 0.2 < sp.effective_sparsity(model, measured, "teal") < 0.8
