@@ -752,7 +752,8 @@ def main():
     ap.add_argument("--skip-dense", action="store_true", help="skip the dense per-preset table")
     ap.add_argument("--floor", type=float, nargs="*", metavar="S",
                     help="the read floor: a step of pure read kernels, one per dependency, at these sparsities "
-                         f"(default {' '.join(map(str, FLOOR_SPARSITIES))}) and at each --e2e row's effective sparsity")
+                         f"(default {' '.join(map(str, FLOOR_SPARSITIES))}) and at each --e2e row's effective sparsity "
+                         "(measured over its decode)")
     ap.add_argument("--no-coordinate-descent", action="store_true",
                     help="inductor without coordinate-descent tuning: M=1 matmuls stay on cuBLAS")
     a = ap.parse_args()
