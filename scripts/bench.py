@@ -672,6 +672,7 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
         kernels.PDL = suffix != "nopdl"
         # <row>-nodefer: every sparse projection merges its own K chunks' sums (no deferred sums)
         sp.DEFER_SUMS = suffix != "nodefer"
+        method = None  # the config's projection method (none: dense, attention-only rows), whose skipped bytes count
         if base in ("dense", "dense-torch", "dense-sdpa"):
             sp.apply(model, None)
             eff = 0.0
@@ -679,21 +680,20 @@ def bench_e2e(preset, names, copy_gbs, new_tokens, context=16, profile=False, ba
             kw = E2E[base]
             batches = torch.randint(0, model.config.vocab_size, (1, 1024) if "attention" in kw else (2, 64))
             cfg = cal.calibrate(model, batches, progress=False, **kw)
-            eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), cfg.header["method"]) \
-                if cfg.header.get("method") else 0.0
+            method = cfg.header.get("method")
+            eff = sp.effective_sparsity(model, cal.measure(model, cfg, batches), method) if method else 0.0
             sp.apply(model, cfg)
         t_cal = time.perf_counter() - t0
         torch._dynamo.reset()
         step = torch.compile(EAGER_STEP, mode="reduce-overhead", fullgraph=True)
         print(f"e2e {preset} {name} (context {context}, batch {batch}):", flush=True)
-        sparse = base not in ("dense", "dense-torch", "dense-sdpa") and bool(cfg.header.get("method"))
         s_per_step = time_decode(model, context=context, new_tokens=new_tokens, compiled_step=step, profile=profile,
-                                 batch=batch, record=sparse)
+                                 batch=batch, record=bool(method))
         # the fraction of weight bytes the timed decode's tokens skipped (the calibration batches' is eff)
         eff_decode = None
-        if sparse:
+        if method:
             s_per_step, measured = s_per_step
-            eff_decode = sp.effective_sparsity(model, measured, cfg.header["method"])
+            eff_decode = sp.effective_sparsity(model, measured, method)
         tok_s = batch / s_per_step  # tokens of all sequences
         dense_tok_s = dense_tok_s or (tok_s if name.startswith("dense") else None)
         rows.append(dict(preset=preset, method=name, context=context, batch=batch, tok_s=tok_s, effective_sparsity=eff,
