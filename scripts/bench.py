@@ -105,6 +105,7 @@ def time_decode(model, context=16, new_tokens=128, reps=5, compiled_step=None, p
         with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
             run(16, tok)
         print_kernel_table(prof, 16, sec)
+        print_critical_path(prof, 16, model.config.n_layers)
     if not record:
         return sec
     import sparsity as sp
@@ -127,6 +128,48 @@ def print_kernel_table(prof, n_steps, sec_per_token, top=24):
           f"({total / 1e3 / (sec_per_token * 1e3):.0%} busy)")
     for us, count, name in sorted(rows, reverse=True)[:top]:
         print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  x{count:<4} {name[:110]}")
+
+
+def critical_path(kernels, n_steps: int, n_layers: int) -> list:
+    """Where a step's time goes when launches overlap (PDL: a kernel starts, and waits, before the previous one
+    ends, so durations add up to more than the step). kernels: (name, start, end) of every kernel of n_steps
+    steps. Taken in start order, each kernel is charged the time by which it moves the latest end so far (its
+    increment): the increments sum to the span from the first start to the last end. A kernel that runs k >= 2
+    times per layer is told apart by its place in the layer ("#0".."#k-1": the q/k/v, o, gate+up and down GEMVs
+    of a sparse layer), its launches after the layers' (the LM head's GEMV) as such. Returns rows (role, launches per step,
+    increment per launch, duration per launch, increment per step), in first-launch order; times in the
+    input's unit."""
+    per_step = {}
+    for name, _, _ in kernels:
+        per_step[name] = per_step.get(name, 0) + 1
+    seen, rows, latest = {}, {}, None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        count = max(1, per_step[name] // n_steps)  # (a copy or two in some steps only: count 1)
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        k, occ = count // n_layers, i % count  # launches per layer; this one's place in its step
+        role = name if k < 2 else f"{name} #{occ % k}" if occ < k * n_layers else f"{name} (after the layers)"
+        inc = end - start if latest is None else max(0.0, end - latest)  # an idle gap before it included
+        latest = end if latest is None else max(latest, end)
+        r = rows.setdefault(role, [0, 0.0, 0.0])
+        r[0] += 1
+        r[1] += inc
+        r[2] += end - start
+    return [(role, n / n_steps, inc / n, dur / n, inc / n_steps) for role, (n, inc, dur) in rows.items()]
+
+
+def print_critical_path(prof, n_steps: int, n_layers: int, top=16):
+    """critical_path of the profiled decode steps, in microseconds, the largest shares first."""
+    ks = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+          if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    if not ks:
+        return
+    rows = critical_path(ks, n_steps, n_layers)
+    total = sum(r[4] for r in rows)
+    print(f"  critical path: {total / 1e3:.3f} ms per step (first start to last end; increments by launch)")
+    for role, n, inc, dur, step in sorted(rows, key=lambda r: -r[4])[:top]:
+        print(f"  {step:8.1f} us  {100 * step / total:5.1f}%  x{n:<5g} {inc:6.2f} us per launch (runs {dur:6.2f})  "
+              f"{role[:90]}")
 
 
 def bench_dense(preset, copy_gbs, new_tokens, compile=True):

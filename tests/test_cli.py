@@ -217,3 +217,33 @@ def test_bench_time_decode_records_its_decode():
     expected = sp.stop_recording(model)
     assert sec > 0 and sorted(measured) == [0, 1] and measured == expected
     assert 0.2 < sp.effective_sparsity(model, measured, "teal") < 0.8
+
+
+def test_bench_critical_path_charges_each_kernel_its_increment():
+    """bench.critical_path: launches that overlap (PDL) are charged the time by which each moves the latest end, so
+    the shares sum to the span of the steps; a kernel launched several times per layer is split by its place in the
+    layer; an idle gap goes to the kernel after it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    # 2 steps x 2 layers: per layer gemv (q/k/v), attn, gemv (o), then a head per step
+    ks, t = [], 0.0
+    for step in range(2):
+        for layer in range(2):
+            ks += [("gemv", t, t + 10), ("attn", t + 8, t + 13), ("gemv", t + 12, t + 20)]
+            t += 20
+        ks.append(("head", t + 1, t + 6))  # 1 idle before it
+        ks.append(("gemv", t + 6, t + 7))  # the same kernel once more after the layers
+        t += 7
+    rows = {r[0]: r for r in bench.critical_path(ks, 2, 2)}
+    assert set(rows) == {"gemv #0", "attn", "gemv #1", "head", "gemv (after the layers)"}
+    assert rows["gemv (after the layers)"][1:] == (1, 1.0, 1.0, 1.0)
+    assert rows["gemv #0"][1:] == (2, 10.0, 10.0, 20.0)  # the first of all: its whole run; later: from the o's end
+    assert rows["attn"][1:] == (2, 3.0, 5.0, 6.0)
+    assert rows["gemv #1"][1:] == (2, 7.0, 8.0, 14.0)
+    assert rows["head"][1:] == (1, 6.0, 5.0, 6.0)
+    assert sum(r[4] for r in rows.values()) * 2 == ks[-1][2] - ks[0][1]
+    # a launch wholly inside an earlier one adds nothing; kernels not per layer keep their bare name
+    rows = {r[0]: r for r in bench.critical_path([("a", 0, 10), ("b", 2, 5), ("a", 9, 12)], 1, 4)}
+    assert rows["b"][2] == 0.0 and rows["a"][1:] == (2, 6.0, 6.5, 12.0)
+    rows = {r[0]: r for r in bench.critical_path([("a", 0, 10), ("copy", 10, 11), ("a", 11, 20)], 2, 1)}
+    assert rows["copy"][1:] == (0.5, 1.0, 1.0, 0.5)  # in one step of two
