@@ -473,8 +473,8 @@ if triton is not None:
                             HAS_SHIFT: tl.constexpr, RESIDUAL: tl.constexpr, MERGE: tl.constexpr,
                             SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
                             PACKED: tl.constexpr, BOUNDS: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr,
-                            ROUND_X: tl.constexpr, COPY_X: tl.constexpr, GLU_X: tl.constexpr, ADD: tl.constexpr,
-                            PARTS: tl.constexpr, PDL: tl.constexpr):
+                            ROUND_X: tl.constexpr, COPY_X: tl.constexpr, COPY_PAD: tl.constexpr,
+                            GLU_X: tl.constexpr, ADD: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -499,8 +499,8 @@ if triton is not None:
         (fp32) with atomics and is done (no counter, no merging program, no epilogue: Y already holds the
         residual); PARTS: each program stores its raw partial sums in row pid_k of Y (gate+up; the down
         projection's GLU_X input sums them); with either, the K chunk 0 programs add W m. COPY_X (NORM): the
-        programs also write the input they normalise (ROUND_X: rounded), a slice each, to XC (fp32): the buffer
-        that the next projection adds into. ROUND_X, GLU_X: see _sparse_x."""
+        programs also write the input they normalise (ROUND_X: rounded), a slice each (COPY_PAD lanes), to XC
+        (fp32): the buffer that the next projection adds into. ROUND_X, GLU_X: see _sparse_x."""
         _await_previous(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -531,10 +531,16 @@ if triton is not None:
             if ROUND_X:
                 xa = xa.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
             inv_rms = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
-            if COPY_X:  # program p writes elements [p * per, (p + 1) * per)
+            if COPY_X:  # program p writes elements [p * per, (p + 1) * per), COPY_PAD >= per lanes (x from L1 again):
+                # a store over all K_PAD lanes, masked to the slice, cost TEAL 50% 0.8% end to end (session 23)
                 per = tl.cdiv(K, tl.num_programs(0) * tl.num_programs(1))
                 lo = (pid_k * tl.num_programs(0) + pid_n) * per
-                tl.store(XC + offs_all, xa, mask=(offs_all >= lo) & (offs_all < lo + per) & (offs_all < K))
+                offs_c = lo + tl.arange(0, COPY_PAD)
+                c_ok = (offs_c < lo + per) & (offs_c < K)
+                xc = tl.load(X + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                if ROUND_X:
+                    xc = xc.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
+                tl.store(XC + offs_c, xc, mask=c_ok)
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
         offs = tl.arange(0, BLOCK_K)
@@ -1100,8 +1106,10 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     cfg = gemv_launch_config(1, K, n_out, block_n, device)
     split = cfg["split"]
     # packed also needs an even n_out: with SwiGLU the up block starts n_out columns in
+    n_blocks = triton.cdiv(n_out, block_n)
     meta = dict(BLOCK_N=block_n, PACKED=packed and n_out % 2 == 0,
                 BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0, ROUND_X=round_x, COPY_X=copy_x,
+                COPY_PAD=triton.next_power_of_2(triton.cdiv(K, n_blocks * split)) if copy_x else 1,
                 GLU_X=glu_x, ADD=add, PARTS=parts,
                 BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
@@ -1109,7 +1117,7 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
                 SPLIT_PAD=triton.next_power_of_2(split),
                 COMPACT=compact, CHUNK=triton.next_power_of_2(cfg["K_PER_PROG"]), ROPE=head_d > 0, HEAD_D=head_d,
                 num_warps=cfg["num_warps"])
-    return (triton.cdiv(n_out, block_n), split), cfg["K_PER_PROG"], meta
+    return (n_blocks, split), cfg["K_PER_PROG"], meta
 
 
 def packed_pairs(a: Tensor) -> bool:
