@@ -136,9 +136,9 @@ def critical_path(kernels, n_steps: int, n_layers: int) -> list:
     steps. Taken in start order, each kernel is charged the time by which it moves the latest end so far (its
     increment): the increments sum to the span from the first start to the last end. A kernel that runs k >= 2
     times per layer is told apart by its place in the layer ("#0".."#k-1": the q/k/v, o, gate+up and down GEMVs
-    of a sparse layer), its launches after the layers' (the LM head's GEMV) as such. Returns rows (role, launches per step,
-    increment per launch, duration per launch, increment per step), in first-launch order; times in the
-    input's unit."""
+    of a sparse layer), its launches after the layers' (the LM head's GEMV) as such. Returns rows (role,
+    launches per step, increment per launch, duration per launch, increment per step), in first-launch order;
+    times in the input's unit."""
     per_step = {}
     for name, _, _ in kernels:
         per_step[name] = per_step.get(name, 0) + 1
