@@ -4,7 +4,8 @@
     python scripts/bench.py --presets Llama-3-8B Llama-2-7B --new-tokens 128
     python scripts/bench.py --gemv                            # sparse GEMV vs cuBLAS vs ideal
     python scripts/bench.py --e2e dense teal50 cats50 ...     # decode tok/s per method, same run
-    python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel
+    python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel,
+                                                              # and the step's critical path by kernel
     python scripts/bench.py --sweep --dense-sweep --dense-attention                # launch-configuration sweeps
     python scripts/bench.py --sweep --space gemv:programs_per_sm=2,3,4 gemv:num_warps=4   # one axis narrowed
     python scripts/bench.py --skip-dense --batch-sweep --batch 4 --e2e dense teal50 dense  # batch 4 decode
@@ -130,9 +131,9 @@ def print_kernel_table(prof, n_steps, sec_per_token, top=24):
         print(f"  {us:8.1f} us  {100 * us / total:5.1f}%  x{count:<4} {name[:110]}")
 
 
-def critical_path(kernels, n_steps: int, n_layers: int) -> list:
+def critical_path(launches, n_steps: int, n_layers: int) -> list:
     """Where a step's time goes when launches overlap (PDL: a kernel starts, and waits, before the previous one
-    ends, so durations add up to more than the step). kernels: (name, start, end) of every kernel of n_steps
+    ends, so durations add up to more than the step). launches: (name, start, end) of every kernel of n_steps
     steps. Taken in start order, each kernel is charged the time by which it moves the latest end so far (its
     increment): the increments sum to the span from the first start to the last end. A kernel that runs k >= 2
     times per layer is told apart by its place in the layer ("#0".."#k-1": the q/k/v, o, gate+up and down GEMVs
@@ -140,10 +141,10 @@ def critical_path(kernels, n_steps: int, n_layers: int) -> list:
     launches per step, increment per launch, duration per launch, increment per step), in first-launch order;
     times in the input's unit."""
     per_step = {}
-    for name, _, _ in kernels:
+    for name, _, _ in launches:
         per_step[name] = per_step.get(name, 0) + 1
     seen, rows, latest = {}, {}, None
-    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+    for name, start, end in sorted(launches, key=lambda k: (k[1], k[2])):
         count = max(1, per_step[name] // n_steps)  # (a copy or two in some steps only: count 1)
         i = seen.get(name, 0)
         seen[name] = i + 1
@@ -783,7 +784,8 @@ def main():
                     help="e2e: sequences decoded together, tok/s counts all of them (at batch 2-8 a site takes the "
                          "batch kernels where the union of kept rows is small, else cuBLAS: "
                          "sparsity.batch_kernel_pays; beyond kernels.MAX_BATCH = 8, the PyTorch reference)")
-    ap.add_argument("--profile", action="store_true", help="e2e: print GPU time per kernel of a decode step")
+    ap.add_argument("--profile", action="store_true",
+                    help="e2e: print GPU time per kernel of a decode step and the step's critical path by kernel")
     ap.add_argument("--dense-sweep", action="store_true", help="sweep the dense gemv kernel's launch configurations")
     ap.add_argument("--gated-sweep", action="store_true", help="sweep gated_rows launch configurations")
     ap.add_argument("--attention", action="store_true", help="Top-Theta decode attention vs SDPA")
