@@ -527,9 +527,7 @@ if triton is not None:
         DTYPE = WT.dtype.element_ty
         if NORM:
             offs_all = tl.arange(0, K_PAD)
-            xa = tl.load(X + offs_all, mask=offs_all < K, other=0.0).to(tl.float32)
-            if ROUND_X:
-                xa = xa.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
+            xa = _sparse_x(X, G, offs_all, offs_all < K, 1.0, K, False, ROUND_X, 0, DTYPE)  # x (rounded), no norm
             inv_rms = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
             if COPY_X:  # program p writes elements [p * per, (p + 1) * per), COPY_PAD >= per lanes (x from L1 again):
                 # a store over all K_PAD lanes, masked to the slice, cost TEAL 50% 0.8% end to end (session 23)
@@ -537,10 +535,7 @@ if triton is not None:
                 lo = (pid_k * tl.num_programs(0) + pid_n) * per
                 offs_c = lo + tl.arange(0, COPY_PAD)
                 c_ok = (offs_c < lo + per) & (offs_c < K)
-                xc = tl.load(X + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-                if ROUND_X:
-                    xc = xc.to(DTYPE, fp_downcast_rounding="rtne").to(tl.float32)
-                tl.store(XC + offs_c, xc, mask=c_ok)
+                tl.store(XC + offs_c, _sparse_x(X, G, offs_c, c_ok, 1.0, K, False, ROUND_X, 0, DTYPE), mask=c_ok)
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
         offs = tl.arange(0, BLOCK_K)
