@@ -21,11 +21,11 @@ captures them in the CUDA graph with no graph break.
    serves fused q/k/v with three thresholds. Split K: each K chunk writes an fp32 partial
    sum and the caller adds them in plain PyTorch, which torch.compile fuses into the next
    op (no atomics, no zero-fill; bf16 and fp16 both work). Batch 1: sparse_gemv's kernel (1b)
-   without its prologue and epilogue: each program walks its K chunk in small tiles into 2-D
-   fp32 accumulators (one reduction at the end; bf16 / fp16 weights read as one 32-bit word per
-   pair of columns, _column_pairs) and loads the next tile's x before the current
-   tile's weights, so the x -> mask -> weight-load chain does not serialise. Batch 2..8: tl.dot
-   on 16 padded rows; a weight row is read if any row of the batch needs it. Decode steps take it
+   without its prologue and epilogue: each program walks its K chunk in tiles of 256 channels into 2-D
+   fp32 accumulators (each thread first sums its rows of a tile in registers; one reduction at the end;
+   bf16 / fp16 weights read as one 32-bit word per pair of columns, _column_pairs) and loads the next
+   tile's x before the current tile's weights, so the x -> mask -> weight-load chain does not serialise.
+   Batch 2..8: tl.dot on 16 padded rows; a weight row is read if any row of the batch needs it. Decode steps take it
    only where that union is small (sparsity.batch_kernel_pays); over most rows, cuBLAS on the
    thresholded input is faster.
 
@@ -393,12 +393,13 @@ if triton is not None:
         load per pair. Then bf16 to fp32 is one shift (even) or one AND (odd) per value, where the
         conversion of a bf16 tile took about 1.5 instructions per value: the masked walk's loop fell
         from 264 to 215 instructions per tile (down projection, sm_90 SASS; BENCHMARKS.md session
-        14). Otherwise (fp32 weights, 16-bit rows at odd addresses): a (rows, pairs, 2) tile, split.
-        BOUNDS: mask columns >= n_out. GROUPED: the PACKED offsets summed before the pointer add (below)."""
+        14). Otherwise (fp32 weights, 16-bit rows at odd addresses): a (.., pairs, 2) tile, split.
+        BOUNDS: mask columns >= n_out. GROUPED: the PACKED offsets summed before the pointer add (below).
+        offs_k, keep: (ROWS, THREAD_ROWS) (see _sparse_gemv_kernel's walk); the tiles are (ROWS, THREAD_ROWS, pairs)."""
         if PACKED:
-            mask = keep[:, None]
+            mask = keep[:, :, None]
             if BOUNDS:
-                mask = mask & (offs_h < n_out // 2)[None, :]
+                mask = mask & (offs_h < n_out // 2)[None, None, :]
             # GROUPED, the offsets summed first, then one pointer add: ptxas schedules the walk differently (the qkv
             # site's kept-channel loop 250 -> 242 SASS instructions per tile), and TEAL 50% decoded 0.8-0.9% faster
             # end to end (H100, one process, BENCHMARKS.md session 17). Not where grouping measured slower, which add
@@ -406,16 +407,18 @@ if triton is not None:
             # grouped: 4096 -> 28672 at 90% 21.3 vs 14.5 us, session 22) and gated_rows (7-34%, session 17).
             w_int = WT.to(tl.pointer_type(tl.int32))
             if GROUPED:
-                w = tl.load(w_int + (offs_k[:, None] * (stride_wk // 2) + offs_h[None, :]), mask=mask, other=0)
+                w = tl.load(w_int + (offs_k[:, :, None] * (stride_wk // 2) + offs_h[None, None, :]), mask=mask,
+                            other=0)
             else:
-                w = tl.load(w_int + offs_k[:, None] * (stride_wk // 2) + offs_h[None, :], mask=mask, other=0)
+                w = tl.load(w_int + offs_k[:, :, None] * (stride_wk // 2) + offs_h[None, None, :], mask=mask, other=0)
             return _halves(w, WT.dtype.element_ty)
-        offs_n = 2 * offs_h[:, None] + tl.arange(0, 2)[None, :]  # (pairs, 2): columns 2h, 2h + 1
-        mask = keep[:, None, None]
-        if BOUNDS:
-            mask = mask & (offs_n < n_out)[None, :, :]
-        w = tl.load(WT + offs_k[:, None, None] * stride_wk + offs_n[None, :, :], mask=mask, other=0.0)
-        return tl.split(w.to(tl.float32))
+        else:  # (an else, not code after the return: Triton also compiles the code after a constexpr if that returns)
+            offs_n = 2 * offs_h[:, None] + tl.arange(0, 2)[None, :]  # (pairs, 2): columns 2h, 2h + 1
+            mask = keep[:, :, None, None]
+            if BOUNDS:
+                mask = mask & (offs_n < n_out)[None, None, :, :]
+            w = tl.load(WT + offs_k[:, :, None, None] * stride_wk + offs_n[None, None, :, :], mask=mask, other=0.0)
+            return tl.split(w.to(tl.float32))
 
     @triton.jit
     def _sparse_tile(WT, offs_k, k_end, x, m, t, offs_h, n_out, stride_wk: tl.constexpr, PACKED: tl.constexpr,
@@ -474,7 +477,8 @@ if triton is not None:
                             SPLIT_PAD: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr,
                             PACKED: tl.constexpr, BOUNDS: tl.constexpr, ROPE: tl.constexpr, HEAD_D: tl.constexpr,
                             ROUND_X: tl.constexpr, COPY_X: tl.constexpr, COPY_PAD: tl.constexpr,
-                            GLU_X: tl.constexpr, ADD: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
+                            GLU_X: tl.constexpr, ADD: tl.constexpr, PARTS: tl.constexpr, THREAD_ROWS: tl.constexpr,
+                            PDL: tl.constexpr):
         """Batch-1 input-sparse GEMV with everything around it fused, so that a sparse decode
         step has as few kernels as a dense one. One program: one BLOCK_N block of output
         columns (SWIGLU: and the up block col2 columns further) over one K chunk.
@@ -483,7 +487,8 @@ if triton is not None:
         Then the chunk in BLOCK_K tiles: a weight row is loaded only if its channel passes
         |x' - m| > t (t, m uniform within the block), the next tile's x loaded before this tile's
         products, which go to 2-D fp32 accumulators, one for the even columns and one for the odd
-        (_column_pairs; one reduction at the end); COMPACT: over the list of kept channels
+        (_column_pairs; THREAD_ROWS of a tile's channels summed in each thread first, see the walk; one
+        reduction at the end); COMPACT: over the list of kept channels
         (_kept_channels), not every tile. stride_wk is a constexpr (one compile per weight shape):
         the weight addresses are then cheaper, and gate+up's loop ran about 5% faster at 40-50%
         sparsity (BENCHMARKS.md session 14). BOUNDS False: the chunks and column blocks tile K and
@@ -538,12 +543,18 @@ if triton is not None:
                 tl.store(XC + offs_c, _sparse_x(X, G, offs_c, c_ok, 1.0, K, False, ROUND_X, 0, DTYPE), mask=c_ok)
         k0 = pid_k * k_per_prog
         k_end = tl.minimum(k0 + k_per_prog, K)
-        offs = tl.arange(0, BLOCK_K)
-        # fp32 accumulators of the even and the odd columns: the gate's (1) and the up projection's (2)
-        acc1e = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
-        acc1o = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
-        acc2e = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
-        acc2o = tl.zeros((BLOCK_K, BLOCK_N // 2), tl.float32)
+        # A tile of BLOCK_K channels as (ROWS, THREAD_ROWS): the THREAD_ROWS channels of a row of the tile are in
+        # one thread (the tile's layout puts no threads along that axis), and each tile's products are first summed
+        # over them in registers, so the fp32 accumulators of the even and the odd columns, the gate's (1) and the
+        # up projection's (2), are (ROWS, pairs): THREAD_ROWS times fewer registers than (BLOCK_K, pairs) ones.
+        # The registers freed hold a taller tile: twice the weight bytes in flight per SM, TEAL 50% +5% end to end
+        # (H100, BENCHMARKS.md session 24).
+        ROWS: tl.constexpr = BLOCK_K // THREAD_ROWS
+        offs = tl.arange(0, ROWS)[:, None] + tl.arange(0, THREAD_ROWS)[None, :] * ROWS
+        acc1e = tl.zeros((ROWS, BLOCK_N // 2), tl.float32)
+        acc1o = tl.zeros((ROWS, BLOCK_N // 2), tl.float32)
+        acc2e = tl.zeros((ROWS, BLOCK_N // 2), tl.float32)
+        acc2o = tl.zeros((ROWS, BLOCK_N // 2), tl.float32)
         if COMPACT:
             # The kept channels' indices first (this program's slot of S), then tiles of kept
             # channels only: the loop runs (1 - s) times as long and every loaded row is needed.
@@ -564,11 +575,11 @@ if triton is not None:
                 idx = tl.load(S + nxt, mask=nxt < n, other=k_end)
                 # the next tile's x, before the products
                 x = _sparse_x(X, G, idx, idx < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
-                acc1e += xs1[:, None] * w1e
-                acc1o += xs1[:, None] * w1o
+                acc1e += tl.sum(xs1[:, :, None] * w1e, 1)
+                acc1o += tl.sum(xs1[:, :, None] * w1o, 1)
                 if SWIGLU:
-                    acc2e += xs2[:, None] * w2e
-                    acc2o += xs2[:, None] * w2o
+                    acc2e += tl.sum(xs2[:, :, None] * w2e, 1)
+                    acc2o += tl.sum(xs2[:, :, None] * w2o, 1)
         else:
             # Every tile of the chunk, offsets from the loop index. One loop for both walks (the
             # offsets carried across iterations, as the list's are) decoded TEAL 50% 2% slower on
@@ -584,11 +595,11 @@ if triton is not None:
                 nxt = offs_k + BLOCK_K
                 # the next tile's x, before the products
                 x = _sparse_x(X, G, nxt, nxt < k_end, inv_rms, K, NORM, ROUND_X, GLU_X, DTYPE)
-                acc1e += xs1[:, None] * w1e
-                acc1o += xs1[:, None] * w1o
+                acc1e += tl.sum(xs1[:, :, None] * w1e, 1)
+                acc1o += tl.sum(xs1[:, :, None] * w1o, 1)
                 if SWIGLU:
-                    acc2e += xs2[:, None] * w2e
-                    acc2o += xs2[:, None] * w2o
+                    acc2e += tl.sum(xs2[:, :, None] * w2e, 1)
+                    acc2o += tl.sum(xs2[:, :, None] * w2o, 1)
         _launch_next(PDL)
         rope = (COS, SIN)  # unused
         if ROPE:  # every program loads them (a few hundred bytes), overlapping the merge's round trips
@@ -1055,7 +1066,7 @@ def _num_sms(device) -> int:
 # sparse_gemv(compact=True) from this calibrated sparsity on: on the H100 the kept-channel list
 # cost up to 2 us more per GEMV at 50% sparsity and saved 0-5 us at 70%, 1-16 us at 90% (BENCHMARKS.md).
 COMPACT_MIN_SPARSITY = 0.6
-GEMV_TUNING = dict(block_k=128, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
+GEMV_TUNING = dict(block_k=256, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
 # input_sparse_gemv, batch 2..8 (`scripts/bench.py --batch-sweep`, H100 session 12): one warp per program and a
 # 2-stage pipeline, 1416 us summed over the sweep's 36 cases. In another run that day the tuning before (4 warps,
 # Triton's default 3 stages: 45 KB of shared memory, 3 programs per SM) took 2409 us, 2 warps / 2 stages 1448 us
@@ -1102,11 +1113,15 @@ def sparse_gemv_launch(K: int, n_out: int, block_n: int, device, norm: bool, mod
     split = cfg["split"]
     # packed also needs an even n_out: with SwiGLU the up block starts n_out columns in
     n_blocks = triton.cdiv(n_out, block_n)
+    tile = cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"]  # two weights' tiles in registers: half as tall each
+    # Triton lays a (rows, R, pairs) tile out with 4 pairs (16 bytes) per thread across a row, the rest of a warp's 32
+    # threads and the warps down the rows, none along R: THREAD_ROWS = R makes one tile row per row of threads
+    thread_rows = min(tile, 32 // max(1, min(32, block_n // 8)) * cfg["num_warps"])
     meta = dict(BLOCK_N=block_n, PACKED=packed and n_out % 2 == 0,
                 BOUNDS=n_out % block_n != 0 or K % cfg["K_PER_PROG"] != 0, ROUND_X=round_x, COPY_X=copy_x,
                 COPY_PAD=triton.next_power_of_2(triton.cdiv(K, n_blocks * split)) if copy_x else 1,
                 GLU_X=glu_x, ADD=add, PARTS=parts,
-                BLOCK_K=cfg["BLOCK_K"] // 2 if swiglu else cfg["BLOCK_K"],  # two accumulators: half a tile each
+                BLOCK_K=tile, THREAD_ROWS=tile // thread_rows,
                 K_PAD=triton.next_power_of_2(K) if norm else 16, NORM=norm, HAS_MODE=mode, SWIGLU=swiglu,
                 HAS_SHIFT=shift, RESIDUAL=residual, MERGE=split > 1 and not (add or parts),
                 SPLIT_PAD=triton.next_power_of_2(split),

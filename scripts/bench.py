@@ -219,8 +219,8 @@ MERGED_GATE_UP = (28672, 22016)  # the [gate; up] shapes: the batch-1 kernel als
 
 # Launch-configuration spaces of the sweeps; --space overrides one axis, e.g. gemv:programs_per_sm=2,3,4
 SPACES = dict(
-    # 3 programs per SM: what fits an SM at block 128 x 64 (scripts/kernel_regs.py); 4 measured faster (session 8)
-    gemv=dict(block_n=(32, 64, 128), block_k=(64, 128, 256), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
+    # 4 programs fit an SM at block_k 256 x block_n 64 (scripts/kernel_regs.py), measured faster than 5 (session 24)
+    gemv=dict(block_n=(32, 64, 128), block_k=(128, 256, 512), programs_per_sm=(2, 3, 4, 8), num_warps=(4, 8)),
     # input_sparse_gemv at batch 2..8 (block_n stays 64: the model's sites are cut in 64-column blocks)
     gemv_batch=dict(block_k=(32, 64, 128), programs_per_sm=(8,), num_warps=(1, 2, 4), num_stages=(1, 2)),
     # block_l = keys_per_program: a chunk's K rows in one load, its V rows in one more (Top-Theta)
@@ -244,7 +244,7 @@ def sweep_gemv(copy_gbs):
     import kernels
     best, per_shape_best = None, {}
     for tn in configs(SPACES["gemv"]):
-        if tn["block_n"] * tn["block_k"] > 8192:  # the 2-D accumulator spills (measured 10x slower)
+        if tn["block_n"] * tn["block_k"] > 16384:  # a tile this large spills (spilling ran 10x slower, session 8)
             continue
         per_shape = {}
         for K, N in GEMV_SHAPES[:4]:

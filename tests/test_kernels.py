@@ -226,6 +226,36 @@ def test_sparse_gemv_weight_layouts(dtype, layout, swiglu, monkeypatch):
     assert rel_err(y.float(), kernels.sparse_gemv_ref(x, wt, t, swiglu=swiglu)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("block_n", [64, 16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_sparse_gemv_thread_rows(swiglu, block_n, sparsity):
+    """The walk's tiles at the production tuning: (rows, THREAD_ROWS) channels, each thread summing its
+    THREAD_ROWS in registers first (16 for a 256-channel tile at block_n 64, 8 for gate+up's 128), over
+    several tiles and a chunk that ends mid-tile (K = 600), against the reference."""
+    K, n_out = 600, 128
+    grid, _, meta = kernels.sparse_gemv_launch(K, n_out, block_n, torch.device(DEVICE), False, False, swiglu, False,
+                                               False, False, True)
+    tile = kernels.GEMV_TUNING["block_k"] // (2 if swiglu else 1)
+    assert meta["BLOCK_K"] == tile and meta["THREAD_ROWS"] > 1 and tile % meta["THREAD_ROWS"] == 0
+    x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
+    wt = torch.randn(K, 2 * n_out if swiglu else n_out, device=DEVICE).to(torch.bfloat16)
+    t = torch.full((wt.shape[1],), thresholds_for(x, sparsity), device=DEVICE)
+    y = kernels.sparse_gemv(x, wt, t, None, None, block_n, torch.zeros(64, dtype=torch.int32, device=DEVICE),
+                            swiglu=swiglu)
+    ref = kernels.sparse_gemv_ref(x, wt, t, swiglu=swiglu)
+    assert torch.equal(y.float(), ref) if sparsity == 1.0 else rel_err(y.float(), ref) < TOL[torch.bfloat16]
+
+
+def test_sparse_gemv_thread_rows_at_llama_shapes():
+    """What the H100 runs (scripts/kernel_regs.py compiles the same): 256-channel tiles as 16 rows of 16, gate+up's
+    two 128-channel tiles as 16 rows of 8, so the accumulators are (16, 32) per thread block."""
+    for K, n_out, swiglu, rows in ((4096, 6144, False, 16), (4096, 14336, True, 8), (14336, 4096, False, 16)):
+        _, _, meta = kernels.sparse_gemv_launch(K, n_out, 64, torch.device("cpu"), True, False, swiglu, False, False,
+                                                False, True)
+        assert (meta["BLOCK_K"], meta["THREAD_ROWS"]) == (rows * 16, rows)
+
+
 def test_sparse_gemv_swiglu_odd_halves(monkeypatch):
     """[gate; up] with an odd number of columns each: the up block starts at an odd column, so the
     pairs of 16-bit columns are not 32-bit aligned there and the walk must not read them as words."""
