@@ -1063,9 +1063,10 @@ def _num_sms(device) -> int:
 
 
 # Launch configurations, each the best of a sweep on an H100 (BENCHMARKS.md, `scripts/bench.py --sweep`).
-# sparse_gemv(compact=True) from this calibrated sparsity on: on the H100 the kept-channel list
-# cost up to 2 us more per GEMV at 50% sparsity and saved 0-5 us at 70%, 1-16 us at 90% (BENCHMARKS.md).
-COMPACT_MIN_SPARSITY = 0.6
+# sparse_gemv(compact=True) from this calibrated sparsity on. With the masked walk's tiles of 256 channels
+# (session 24) the kept-channel list cost 0.1-2.5 us more per GEMV at 70% sparsity and saved 0.2-11.7 us at 90%
+# on the H100 (`scripts/bench.py --gemv`, BENCHMARKS.md); with tiles of 128 it had saved 0-5 us at 70%.
+COMPACT_MIN_SPARSITY = 0.75
 GEMV_TUNING = dict(block_k=256, block_n=64, programs_per_sm=4, num_warps=4)  # (input_)sparse_gemv, batch 1
 # input_sparse_gemv, batch 2..8 (`scripts/bench.py --batch-sweep`, H100 session 12): one warp per program and a
 # 2-stage pipeline, 1416 us summed over the sweep's 36 cases. In another run that day the tuning before (4 warps,

@@ -668,7 +668,8 @@ def bench_gemv(copy_gbs, batch=1):
 
 E2E = {  # name -> calibrate() keyword arguments (paper operating points)
     "teal25": dict(method="teal", sparsity=0.25), "teal40": dict(method="teal", sparsity=0.4),
-    "teal50": dict(method="teal", sparsity=0.5), "cats50": dict(method="cats", sparsity=0.5),
+    "teal50": dict(method="teal", sparsity=0.5), "teal70": dict(method="teal", sparsity=0.7),
+    "cats50": dict(method="cats", sparsity=0.5),
     "scap": dict(method="scap", scap="up,zero,0.35,gate,zero,0.35,down,zero,0.55"),
     "m-countdown70": dict(method="m-countdown", sparsity=0.7),
     "d-countdown70": dict(method="d-countdown", sparsity=0.7, rank=512),
