@@ -234,8 +234,8 @@ def test_sparse_gemv_thread_rows(swiglu, block_n, sparsity):
     THREAD_ROWS in registers first (16 for a 256-channel tile at block_n 64, 8 for gate+up's 128), over
     several tiles and a chunk that ends mid-tile (K = 600), against the reference."""
     K, n_out = 600, 128
-    grid, _, meta = kernels.sparse_gemv_launch(K, n_out, block_n, torch.device(DEVICE), False, False, swiglu, False,
-                                               False, False, True)
+    _, _, meta = kernels.sparse_gemv_launch(K, n_out, block_n, torch.device(DEVICE), False, False, swiglu, False,
+                                            False, False, True)
     tile = kernels.GEMV_TUNING["block_k"] // (2 if swiglu else 1)
     assert meta["BLOCK_K"] == tile and meta["THREAD_ROWS"] > 1 and tile % meta["THREAD_ROWS"] == 0
     x = torch.randn(1, K, device=DEVICE).to(torch.bfloat16)
@@ -249,7 +249,7 @@ def test_sparse_gemv_thread_rows(swiglu, block_n, sparsity):
 
 def test_sparse_gemv_thread_rows_at_llama_shapes():
     """What the H100 runs (scripts/kernel_regs.py compiles the same): 256-channel tiles as 16 rows of 16, gate+up's
-    two 128-channel tiles as 16 rows of 8, so the accumulators are (16, 32) per thread block."""
+    two 128-channel tiles as 16 rows of 8, so each of a program's accumulators is (16, 32)."""
     for K, n_out, swiglu, rows in ((4096, 6144, False, 16), (4096, 14336, True, 8), (14336, 4096, False, 16)):
         _, _, meta = kernels.sparse_gemv_launch(K, n_out, 64, torch.device("cpu"), True, False, swiglu, False, False,
                                                 False, True)
