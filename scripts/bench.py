@@ -244,7 +244,7 @@ def sweep_gemv(copy_gbs):
     import kernels
     best, per_shape_best = None, {}
     for tn in configs(SPACES["gemv"]):
-        if tn["block_n"] * tn["block_k"] > 16384:  # a tile this large spills (spilling ran 10x slower, session 8)
+        if tn["block_n"] * tn["block_k"] > 16384:  # 168-250 registers at 4 warps, 2-3 per SM (kernel_regs.py)
             continue
         per_shape = {}
         for K, N in GEMV_SHAPES[:4]:
