@@ -2,7 +2,7 @@
 
     python scripts/bench.py                                   # copy bandwidth + dense decode, Llama-3-8B
     python scripts/bench.py --presets Llama-3-8B Llama-2-7B --new-tokens 128
-    python scripts/bench.py --gemv                            # sparse GEMV vs cuBLAS vs ideal
+    python scripts/bench.py --gemv                            # sparse GEMV vs cuBLAS, ideal, read floor
     python scripts/bench.py --e2e dense teal50 cats50 ...     # decode tok/s per method, same run
     python scripts/bench.py --skip-dense --e2e dense dense-torch teal50 --profile   # + GPU time per kernel,
                                                               # and the step's critical path by kernel
@@ -534,9 +534,14 @@ def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> f
     FLOOR_LAUNCHES): what a decode step costs at sparsity s with one kernel per dependency and
     nothing but the reads it must do (each kernel's share contiguous, the most DRAM-friendly case).
     Successive kernels read successive regions of ring (int32, well over L2's size), so no read hits L2."""
+    return read_chain(floor_spans(floor_reads(args, s, context), ring.numel()), ring)
+
+
+def read_chain(spans, ring: torch.Tensor) -> float:
+    """Seconds per replay of _read_kernel launched once per (first word, words) span of ring, PDL-chained
+    (CUDA-graph replays, the faster of FLOOR_LAUNCHES)."""
     sms = torch.cuda.get_device_properties(ring.device).multi_processor_count
     out = torch.zeros(8 * sms, dtype=torch.int32, device=ring.device)
-    spans = floor_spans(floor_reads(args, s, context), ring.numel())
     best = float("inf")
     for pps, block, warps in FLOOR_LAUNCHES:
         def step(i):
@@ -545,6 +550,14 @@ def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> f
                                            **pdl_args(ring))
         best = min(best, graph_time(step, reps=3))
     return best
+
+
+def launch_floor(n_bytes: int, ring: torch.Tensor, launches: int = 16) -> float:
+    """Seconds per launch of a pure read of n_bytes, launches of them back to back (read_chain), each
+    from the next region of ring, so none hits L2: what one GEMV launch that reads n_bytes of weights
+    cannot beat. Small reads cost more than their bytes at copy bandwidth (the launch's ramp and
+    tail: about 1.0-1.3 us on an H100, BENCHMARKS.md session 25)."""
+    return read_chain(floor_spans([n_bytes] * launches, ring.numel()), ring) / launches
 
 
 def bench_floor(preset: str, sparsities, context: int, copy_gbs: float, e2e_rows=()) -> list:
@@ -639,6 +652,7 @@ def bench_gemv(copy_gbs, batch=1):
     dense gemv kernel (what the dense model runs); speedup is against the faster of the two."""
     import kernels
     rows = []
+    ring = torch.empty((2 << 30) // 4, dtype=torch.int32, device="cuda").random_(0, 7)  # launch_floor's reads
     for K, N in GEMV_SHAPES:
         ws, _, xs, _ = _gemv_buffers(K, N, batch)
         n = len(ws)
@@ -650,18 +664,23 @@ def bench_gemv(copy_gbs, batch=1):
             t_fused = _time_sparse(K, N, s, batch, copy_gbs, fused=True) if batch == 1 else float("nan")
             t_masked = _time_sparse(K, N, s, batch, copy_gbs, fused=True, compact=False) if batch == 1 \
                 else float("nan")
-            ideal = (1 - s) * K * N * 2 / (copy_gbs * 1e9)
+            n_bytes = int((1 - s) * K * N) * 2
+            ideal = n_bytes / (copy_gbs * 1e9)
+            t_floor = launch_floor(n_bytes, ring)  # the same bytes as one contiguous read: no kernel beats it
             t_model = t_fused if s >= kernels.COMPACT_MIN_SPARSITY else t_masked  # what a site at s runs
             rows.append(dict(K=K, N=N, sparsity=s, batch=batch, us_sparse=t_sp * 1e6, us_cublas=t_cublas * 1e6,
                              us_dense_kernel=t_kernel * 1e6, us_ideal=ideal * 1e6, speedup=t_dense / t_sp,
                              vs_ideal=t_sp / ideal, us_fused_compact=t_fused * 1e6,
-                             us_fused_masked=t_masked * 1e6, fused_vs_ideal=t_model / ideal))
+                             us_fused_masked=t_masked * 1e6, fused_vs_ideal=t_model / ideal,
+                             us_launch_floor=t_floor * 1e6, floor_vs_ideal=t_floor / ideal,
+                             fused_vs_floor=t_model / t_floor))
             r = rows[-1]
             print(f"gemv {K:>5}->{N:<5} s={s:.2f} b={batch}: sparse {r['us_sparse']:7.1f} us  (fused: compact "
                   f"{r['us_fused_compact']:6.1f} us, masked {r['us_fused_masked']:6.1f} us, the model's "
-                  f"{r['fused_vs_ideal']:.2f}x ideal)  cuBLAS "
+                  f"{r['fused_vs_ideal']:.2f}x ideal, {r['fused_vs_floor']:.2f}x the launch floor)  cuBLAS "
                   f"{r['us_cublas']:7.1f} us  dense kernel {r['us_dense_kernel']:7.1f} us  "
-                  f"ideal {r['us_ideal']:7.1f} us"
+                  f"ideal {r['us_ideal']:7.1f} us  launch floor {r['us_launch_floor']:6.1f} us "
+                  f"({r['floor_vs_ideal']:.2f}x ideal)"
                   f"  speedup {r['speedup']:.2f}x  time/ideal {r['vs_ideal']:.2f}", flush=True)
     return rows
 

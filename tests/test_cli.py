@@ -170,6 +170,9 @@ def test_bench_read_floor_counts_and_reads_every_byte():
     assert [w for _, w in spans] == [n // 4 for n in bench.floor_reads(args, 0.37, 5)]
     assert all(at % 1024 == 0 and at + w <= 10_000 for at, w in spans) and spans[0][0] == 0
     assert all(a1 >= a0 + w0 or a1 == 0 for (a0, w0), (a1, _) in zip(spans, spans[1:]))  # in turn, wrapping
+    spans = bench.floor_spans([12_000] * 16, 10_000)  # launch_floor: one GEMV's bytes, launch after launch
+    assert [w for _, w in spans] == [3000] * 16 and {at for at, _ in spans} == {0, 3072, 6144}
+    assert all(a1 >= a0 + w0 or a1 + w1 <= a0 for (a0, w0), (a1, w1) in zip(spans, spans[1:]))  # never the last's
     w = torch.randint(0, 1000, (1000,), dtype=torch.int32)
     for n, programs, block in ((1000, 3, 64), (937, 4, 128), (64, 2, 64)):
         out = torch.full((programs,), -1, dtype=torch.int32)
