@@ -555,8 +555,8 @@ def read_chain(spans, ring: torch.Tensor) -> float:
 def launch_floor(n_bytes: int, ring: torch.Tensor, launches: int = 16) -> float:
     """Seconds per launch of a pure read of n_bytes, launches of them back to back (read_chain), each
     from the next region of ring, so none hits L2: what one GEMV launch that reads n_bytes of weights
-    cannot beat. Small reads cost more than their bytes at copy bandwidth (the launch's ramp and
-    tail: about 1.0-1.3 us on an H100, BENCHMARKS.md session 25)."""
+    cannot beat. A read takes longer than its bytes at copy bandwidth by the launch's ramp and tail:
+    1.0-1.5 us on an H100 for reads up to 50 MB (BENCHMARKS.md session 25)."""
     return read_chain(floor_spans([n_bytes] * launches, ring.numel()), ring) / launches
 
 
