@@ -152,7 +152,8 @@ def test_bench_read_floor_counts_and_reads_every_byte():
     """bench.py --floor: floor_reads lists what a batch-1 decode step reads, one kernel per dependency
     (per layer q/k/v, attention's K and V rows, o, gate+up, down; then the LM head), the projections
     at their (1 - s) share; the read kernel sums exactly the words it is given, however they split
-    over programs and blocks."""
+    over programs and blocks; launch_floor's spans (one GEMV's bytes, launch after launch) wrap around
+    the ring without re-reading the previous launch's region."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
     from model import ModelArgs, random_model
