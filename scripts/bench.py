@@ -537,6 +537,11 @@ def read_floor(args: ModelArgs, s: float, context: int, ring: torch.Tensor) -> f
     return read_chain(floor_spans(floor_reads(args, s, context), ring.numel()), ring)
 
 
+def read_ring(largest_read: int) -> torch.Tensor:
+    """The int32 words read_chain's spans index: 2 GiB (well over L2's size), or two of the largest read."""
+    return torch.empty(max(2 << 30, 2 * largest_read) // 4, dtype=torch.int32, device="cuda").random_(0, 7)
+
+
 def read_chain(spans, ring: torch.Tensor) -> float:
     """Seconds per replay of _read_kernel launched once per (first word, words) span of ring, PDL-chained
     (CUDA-graph replays, the faster of FLOOR_LAUNCHES)."""
@@ -566,7 +571,7 @@ def bench_floor(preset: str, sparsities, context: int, copy_gbs: float, e2e_rows
     measured over its decode (else over the calibration batches)."""
     args = ModelArgs.from_preset(preset)
     reads = floor_reads(args, 0.0, context)
-    ring = torch.empty(max(2 << 30, 2 * max(reads)) // 4, dtype=torch.int32, device="cuda").random_(0, 7)
+    ring = read_ring(max(reads))
     floors = {}
 
     def floor(s):
@@ -652,7 +657,7 @@ def bench_gemv(copy_gbs, batch=1):
     dense gemv kernel (what the dense model runs); speedup is against the faster of the two."""
     import kernels
     rows = []
-    ring = torch.empty((2 << 30) // 4, dtype=torch.int32, device="cuda").random_(0, 7)  # launch_floor's reads
+    ring = read_ring(max(K * N * 2 for K, N in GEMV_SHAPES))  # launch_floor's reads
     for K, N in GEMV_SHAPES:
         ws, _, xs, _ = _gemv_buffers(K, N, batch)
         n = len(ws)
