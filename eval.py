@@ -288,15 +288,6 @@ def evaluate(model, tokenizer, cfg=None, tokens=None, tasks=(), limit=None, num_
     return results
 
 
-def write_json_atomic(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Offline evaluation: lm-eval tasks and perplexity.")
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
@@ -346,7 +337,7 @@ def main(argv=None):
     if "measured_sparsity" in res:
         print("measured sparsity by site:", {k: round(v, 4) for k, v in res["measured_sparsity"]["by_site"].items()})
     if a.out:
-        write_json_atomic(a.out, res)
+        sp.write_atomic(a.out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
     return 0
 
 

@@ -607,22 +607,31 @@ def check_sparsity_value(s, what="sparsity"):
         raise ValueError(f"{what} {s} is outside [0, 1); pass a fraction such as 0.5")
 
 
-def save_config(path, cfg: SparsityConfig):
-    """Atomic: write a temp file next to `path`, then rename."""
-    from safetensors.torch import save_file
+def write_atomic(path, write) -> Path:
+    """write(tmp) fills a temp file next to `path` (same suffix), which then replaces `path` in one rename: an
+    interrupted or failed write leaves `path` as it was, never half a file, and no temp file behind. Every output
+    file of the repo's scripts is written this way (configs, eval / sweep / bench JSON, plots)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in cfg.tensors.items()}
-        if not tensors:
-            tensors = {"_empty": torch.zeros(1)}
-        save_file(tensors, tmp, metadata={"config": json.dumps(dict(cfg.header, format=FORMAT))})
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return path
+
+
+def save_config(path, cfg: SparsityConfig):
+    """Atomic (write_atomic)."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in cfg.tensors.items()}
+    if not tensors:
+        tensors = {"_empty": torch.zeros(1)}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={
+        "config": json.dumps(dict(cfg.header, format=FORMAT))}))
 
 
 def load_config(path) -> SparsityConfig:

@@ -869,11 +869,11 @@ def main():
         for p in a.presets:
             floor += bench_floor(p, a.floor or FLOOR_SPARSITIES, a.context, copy_gbs, e2e)
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(
-            device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning, batch_tuning=batch_tuning,
-            gated_tuning=gated_tuning,
-            dense_tuning=dense_tuning, attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention,
-            e2e=e2e, floor=floor), indent=2))
+        import sparsity as sp
+        results = dict(device=name, torch=torch.__version__, copy_gb_s=copy_gbs, tuning=tuning,
+                       batch_tuning=batch_tuning, gated_tuning=gated_tuning, dense_tuning=dense_tuning,
+                       attention_tuning=attn_tuning, dense=rows, gemv=gemv, attention=attention, e2e=e2e, floor=floor)
+        sp.write_atomic(a.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
 
 
 if __name__ == "__main__":

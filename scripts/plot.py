@@ -22,6 +22,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path) -> Path:
+    """fig as a PNG at path, written atomically (sparsity.write_atomic: never half an image), then closed."""
+    import sparsity as sp
+    sp.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _plt().close(fig)
+    return Path(path)
+
+
 def plot_thresholds(config_paths, out_dir) -> list:
     """thresholds.png: per-layer threshold of every thresholded site, one panel per config;
     theta.png: Top-Theta thresholds theta(n) per head of the first and last layer."""
@@ -46,9 +54,7 @@ def plot_thresholds(config_paths, out_dir) -> list:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    written.append(out_dir / "thresholds.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out_dir / "thresholds.png"))
     thetas = [(name, cfg) for name, cfg in cfgs if any(k.endswith(".theta") for k in cfg.tensors)]
     if thetas:
         name, cfg = thetas[0]
@@ -63,9 +69,7 @@ def plot_thresholds(config_paths, out_dir) -> list:
             ax.set_ylabel("theta")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        written.append(out_dir / "theta.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out_dir / "theta.png"))
     return written
 
 
@@ -104,10 +108,7 @@ def plot_histograms(dump_dir, out_dir, layers=None) -> list:
     fig.tight_layout()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    p = out_dir / "histograms.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+    return [_save(fig, out_dir / "histograms.png")]
 
 
 def load_rows(sweep_jsons) -> list:
@@ -131,6 +132,7 @@ def load_rows(sweep_jsons) -> list:
 
 
 def make_plots(sweep_jsons, out_dir) -> list:
+    import sparsity as sp
     plt = _plt()
     rows = load_rows([sweep_jsons] if isinstance(sweep_jsons, (str, Path)) else sweep_jsons)
     out_dir = Path(out_dir)
@@ -154,10 +156,7 @@ def make_plots(sweep_jsons, out_dir) -> list:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out_dir / "pareto.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(fig, out_dir / "pareto.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         if r.get("per_layer"):
@@ -169,13 +168,8 @@ def make_plots(sweep_jsons, out_dir) -> list:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    p = out_dir / "per_layer_sparsity.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
-    p = out_dir / "results.md"
-    p.write_text(results_table(rows))
-    written.append(p)
+    written.append(_save(fig, out_dir / "per_layer_sparsity.png"))
+    written.append(sp.write_atomic(out_dir / "results.md", lambda tmp: Path(tmp).write_text(results_table(rows))))
     return written
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import calibrate as cal  # noqa: E402
 import eval as ev  # noqa: E402
+import sparsity as sp  # noqa: E402
 
 METHOD_ARGS = {  # level -> calibrate() keywords
     "teal": lambda s: dict(method="teal", sparsity=s),
@@ -57,19 +58,17 @@ def run_sweep(model, tokenizer, methods, levels, tasks=(), limit=None, ppl_token
 
 def write(rows, out):
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(out.with_suffix(".json"))
+    sp.write_atomic(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
     keys = [k for k in rows[0] if k not in ("measured", "per_layer")]
     for r in rows:
         keys += [k for k in r if k not in keys and k not in ("measured", "per_layer")]
-    tmp = out.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out.with_suffix(".csv"))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    sp.write_atomic(out.with_suffix(".csv"), write_csv)
 
 
 def main():

@@ -3,6 +3,7 @@ hitting its targets, the config file, and the method-specific claims of each pap
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,6 +318,28 @@ def test_config_round_trip_and_errors(tiny, tiny_batches, tmp_path, smollm2):
     for s in (-0.1, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
             sp.check_sparsity_value(s)
+
+
+def test_write_atomic_replaces_the_file_whole_or_not_at_all(tmp_path):
+    """sparsity.write_atomic, which every output file of the scripts goes through (configs, eval / sweep / bench
+    JSON, plots): a writer that fails halfway leaves the old file as it was and no temp file behind; one that
+    succeeds replaces it. The temp file sits next to the path with its suffix (matplotlib picks a format by it)."""
+    path = tmp_path / "new_dir" / "results.json"
+    assert sp.write_atomic(path, lambda tmp: Path(tmp).write_text("old")) == path
+    assert path.read_text() == "old"
+
+    def interrupted(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sp.write_atomic(path, interrupted)
+    assert path.read_text() == "old"
+    assert [f.name for f in path.parent.iterdir()] == ["results.json"]
+    temps = []
+    sp.write_atomic(path, lambda tmp: temps.append(Path(tmp)) or Path(tmp).write_text("new"))
+    assert path.read_text() == "new" and [f.name for f in path.parent.iterdir()] == ["results.json"]
+    assert temps[0].parent == path.parent and temps[0].suffix == ".json" and temps[0] != path
 
 
 def test_calibration_uses_the_math_attention_kernel_on_cpu(tiny, tiny_batches, monkeypatch):
