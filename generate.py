@@ -220,9 +220,7 @@ class ActivationDump:
         if self.i >= self.n or not tensors:
             return
         from safetensors.torch import save_file
-        path = self.dir / f"token_{self.i:04d}.safetensors"
-        save_file(tensors, str(path) + ".tmp")
-        Path(str(path) + ".tmp").replace(path)
+        sparsity.write_atomic(self.dir / f"token_{self.i:04d}.safetensors", lambda tmp: save_file(tensors, tmp))
         self.i += 1
 
 
