@@ -36,7 +36,7 @@ and a fingerprint of the model it was made for.
 import json
 import math
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -608,13 +608,14 @@ def check_sparsity_value(s, what="sparsity"):
 
 
 def write_atomic(path, write) -> Path:
-    """write(tmp) fills a temp file next to `path` (same suffix), which then replaces `path` in one rename: an
-    interrupted or failed write leaves `path` as it was, never half a file, and no temp file behind. Every output
-    file of the repo's scripts is written this way (configs, eval / sweep / bench JSON, plots)."""
+    """write(tmp) creates and fills a temp file next to `path` (a random name with the same suffix), which then
+    replaces `path` in one rename: an interrupted or failed write leaves `path` as it was, never half a file, and no
+    temp file behind. The writer creates the file, so it gets the permissions open() gives (mkstemp's would be
+    owner-only). Every output file of the repo's scripts is written this way (configs, activation dumps, eval /
+    sweep / bench JSON, plots); the checkpoint converter renames a whole temp folder instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}"))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """Sparsity methods: the inline path vs straightforward formulas written here, calibration
 hitting its targets, the config file, and the method-specific claims of each paper."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -323,7 +324,8 @@ def test_config_round_trip_and_errors(tiny, tiny_batches, tmp_path, smollm2):
 def test_write_atomic_replaces_the_file_whole_or_not_at_all(tmp_path):
     """sparsity.write_atomic, which every output file of the scripts goes through (configs, eval / sweep / bench
     JSON, plots): a writer that fails halfway leaves the old file as it was and no temp file behind; one that
-    succeeds replaces it. The temp file sits next to the path with its suffix (matplotlib picks a format by it)."""
+    succeeds replaces it, with open()'s permissions. The temp file sits next to the path with its suffix
+    (matplotlib picks a format by it)."""
     path = tmp_path / "new_dir" / "results.json"
     assert sp.write_atomic(path, lambda tmp: Path(tmp).write_text("old")) == path
     assert path.read_text() == "old"
@@ -340,6 +342,9 @@ def test_write_atomic_replaces_the_file_whole_or_not_at_all(tmp_path):
     sp.write_atomic(path, lambda tmp: temps.append(Path(tmp)) or Path(tmp).write_text("new"))
     assert path.read_text() == "new" and [f.name for f in path.parent.iterdir()] == ["results.json"]
     assert temps[0].parent == path.parent and temps[0].suffix == ".json" and temps[0] != path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() gives, not mkstemp's owner-only 0o600
 
 
 def test_calibration_uses_the_math_attention_kernel_on_cpu(tiny, tiny_batches, monkeypatch):
