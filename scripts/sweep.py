@@ -95,7 +95,7 @@ def main():
     levels = [float(x) for x in a.levels.split(",") if x]
     for s in levels:
         try:
-            cal.sp.check_sparsity_value(s)
+            sp.check_sparsity_value(s)
         except ValueError as e:
             sys.exit(f"error: {e}")
     model = load_model(a.checkpoint, dtype=torch.float32)
