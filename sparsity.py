@@ -811,6 +811,12 @@ def start_recording(model):
                 mod.sparsity.stats = {}
 
 
+def recording(model) -> bool:
+    """Does a site of the model record its sparsity (start_recording) or dump its inputs?"""
+    return any(mod.sparsity is not None and mod.sparsity.stats is not None
+               for layer in model.layers for mod in (layer.attention, layer.feed_forward))
+
+
 def stop_recording(model) -> dict:
     """{layer: {site: measured sparsity}} over the rows recorded since start_recording."""
     out = {}

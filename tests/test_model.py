@@ -105,3 +105,65 @@ def test_argmax_last_equals_torch_argmax():
     y = torch.zeros(2, 3000)
     y[1, 2999] = 1.0
     assert generate.argmax_last(y, 1024).view(-1).tolist() == [0, 2999]  # all equal: index 0
+
+
+def test_decode_loop_reads_each_token_a_step_late():
+    """generate.generate gives each token to the callback, and checks it for a stop, one step late (the next step
+    queued first): the same tokens as checking at once, the step after a stop dropped, every token streamed in
+    order. The same with the decode step compiled, whose guards the loop skips after its first step. While sites
+    record, each token is read at once: no step past a stop."""
+    import generate
+    from model import random_model
+    model = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                                   vocab_size=97, max_position_embeddings=64), dtype=torch.float32, seed=3)
+    prompt = torch.tensor([5, 17, 42, 8], dtype=torch.int)
+
+    def at_once(n, stop=None, calls=None):  # the plain loop: check each token as soon as it is made
+        model.setup_caches(max_batch_size=1, max_seq_len=len(prompt) + n)
+        with torch.no_grad():
+            tok = generate.prefill(model, prompt.view(1, -1), torch.arange(len(prompt)), 0.0, None)
+            out = [tok]
+            for t in range(len(prompt), len(prompt) + n - 1):
+                if int(out[-1]) == stop or (calls is not None and len(out) == calls):
+                    break
+                out.append(generate.decode_one_token(model, out[-1], torch.tensor([t]), 0.0, None))
+        return torch.cat([prompt.view(1, -1)] + out, 1)[0].tolist()
+
+    eager = generate.decode_one_token
+    try:
+        for step in (eager, torch.compile(eager, backend="eager", fullgraph=True)):
+            generate.decode_one_token = step
+            full = at_once(12)
+            assert generate.generate(model, prompt, 12)[0].tolist() == full
+            stop = full[len(prompt) + 5]  # a token made by the 6th step: stops at its first appearance
+            want = at_once(12, stop=stop)
+            assert len(want) < len(full) and want[-1] == stop
+            assert generate.generate(model, prompt, 12, stop_ids={stop})[0].tolist() == want
+            seen = []
+
+            def callback(token):  # streams every token; False after the 4th stops generation
+                seen.append(int(token))
+                return len(seen) < 4
+            out = generate.generate(model, prompt, 12, callback=callback)[0].tolist()
+            assert out == at_once(12, calls=4) and seen == out[len(prompt):]
+            seen.clear()
+            out = generate.generate(model, prompt, 12, callback=lambda t: seen.append(int(t)))[0].tolist()
+            assert out == full and seen == full[len(prompt):]
+            steps = []
+
+            def counted(*args):
+                steps.append(1)
+                return step(*args)
+            generate.decode_one_token = counted
+            assert generate.generate(model, prompt, 12, stop_ids={stop})[0].tolist() == want
+            assert len(steps) == len(want) - len(prompt)  # the prefill's token, then one step past the stop
+            steps.clear()
+            recording = generate.sparsity.recording
+            generate.sparsity.recording = lambda m: True  # sites that record count every step: none past a stop
+            try:
+                assert generate.generate(model, prompt, 12, stop_ids={stop})[0].tolist() == want
+            finally:
+                generate.sparsity.recording = recording
+            assert len(steps) == len(want) - len(prompt) - 1
+    finally:
+        generate.decode_one_token = eager
