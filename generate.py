@@ -95,9 +95,10 @@ def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback
     queued: the GPU runs that step while the host prints. A stop then leaves one step too many, whose token is
     dropped. And after the first step a compiled decode_one_token runs without its guard checks, as nothing in
     this loop changes the model (skip_guard_eval_unsafe). Neither while sites record sparsity: their stats dicts
-    change between steps, and they count (and dump) every step run. H100, one process (BENCHMARKS.md session 27): Llama-3-8B streamed 6.32 -> 5.33 ms per dense
-    step and 4.59 -> 3.28 per TEAL 50% step, as fast as with no callback; SmolLM2-135M's TEAL 50% steps, which the
-    host bounds, 0.80 -> 0.62 ms with no callback (the guards) and 1.58 -> 0.83 streamed."""
+    change between steps, and they count (and dump) every step run. H100, one process (BENCHMARKS.md session 27):
+    Llama-3-8B streamed 6.32 -> 5.33 ms per dense step and 4.59 -> 3.28 per TEAL 50% step, as fast as with no
+    callback; SmolLM2-135M's TEAL 50% steps, which the host bounds, 0.80 -> 0.62 ms with no callback (the guards)
+    and 1.58 -> 0.83 streamed."""
     tokens = []
     pending = []  # (index in tokens, its copy on the way to the host): not yet given to callback / checked for a stop
 
