@@ -117,8 +117,8 @@ def decode_n_tokens(model, cur_token, input_pos, n, temperature, top_k, callback
         if dump is not None:
             dump(model)
         input_pos += 1
-        tokens.append(next_token.clone())
-        cur_token = next_token.clone()
+        cur_token = next_token.clone()  # a compiled step's output is overwritten by its next CUDA-graph replay
+        tokens.append(cur_token)
         if wants_host:
             pending.append((len(tokens) - 1, _start_copy(tokens[-1])))
         while len(pending) > (1 if fast else 0):
