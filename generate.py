@@ -325,6 +325,10 @@ def _main(args):
               + (" (measured sparsity is not recorded under --compile)" if args.compile else ""), file=sys.stderr)
     print(f"loaded {model.config.name} ({model.config.architecture}, {args.dtype}) on {args.device} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if torch.device(args.device).type == "cuda" and not args.compile:  # H100, BENCHMARKS.md session 28
+        print("note: add --compile on a GPU: it replays each decode step as a CUDA graph instead of launching its "
+              "kernels from Python (H100: SmolLM2-135M 987 vs 34 tok/s, Llama-3-8B 169 vs 26), after a ~17 s warm-up",
+              file=sys.stderr)
     if args.compile:
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
         if args.compile_prefill:
