@@ -804,49 +804,51 @@ def _fill_shift(site, weight):
 
 
 # ----------------------------------------------------------------------------- measuring
-def start_recording(model):
-    for layer in model.layers:
+def _configured(model):
+    """(layer index, AttentionSparsity / MLPSparsity) of each of the model's modules that has a sparsity config."""
+    for i, layer in enumerate(model.layers):
         for mod in (layer.attention, layer.feed_forward):
             if mod.sparsity is not None:
-                mod.sparsity.stats = {}
+                yield i, mod.sparsity
+
+
+def start_recording(model):
+    for _, cfg in _configured(model):
+        cfg.stats = {}
 
 
 def recording(model) -> bool:
     """Does a site of the model record its sparsity (start_recording) or dump its inputs?"""
-    return any(mod.sparsity is not None and mod.sparsity.stats is not None
-               for layer in model.layers for mod in (layer.attention, layer.feed_forward))
+    return any(cfg.stats is not None for _, cfg in _configured(model))
 
 
 def stop_recording(model) -> dict:
     """{layer: {site: measured sparsity}} over the rows recorded since start_recording."""
     out = {}
-    for i, layer in enumerate(model.layers):
-        for mod in (layer.attention, layer.feed_forward):
-            if mod.sparsity is not None and mod.sparsity.stats is not None:
-                for site, (z, t) in ((k, v) for k, v in mod.sparsity.stats.items() if k != "_dump"):
-                    out.setdefault(i, {})[site] = z / t if t else float("nan")
-                mod.sparsity.stats = None
+    for i, cfg in _configured(model):
+        if cfg.stats is not None:
+            for site, (z, t) in ((k, v) for k, v in cfg.stats.items() if k != "_dump"):
+                out.setdefault(i, {})[site] = z / t if t else float("nan")
+            cfg.stats = None
     return out
 
 
 def start_dumping(model):
     """With recording on, keep each site's sparsified input of the newest token."""
-    for layer in model.layers:
-        for mod in (layer.attention, layer.feed_forward):
-            if mod.sparsity is not None and mod.sparsity.stats is not None:
-                mod.sparsity.stats["_dump"] = {}
+    for _, cfg in _configured(model):
+        if cfg.stats is not None:
+            cfg.stats["_dump"] = {}
 
 
 def take_dump(model) -> dict:
     """{"layers.{i}.{site}": (B, C) tensor} of the newest token; clears it."""
     out = {}
-    for i, layer in enumerate(model.layers):
-        for mod in (layer.attention, layer.feed_forward):
-            st = mod.sparsity.stats if mod.sparsity is not None and mod.sparsity.stats is not None else {}
-            for site, t in (st.get("_dump") or {}).items():
-                out[f"layers.{i}.{site}"] = t.contiguous()
-            if st.get("_dump") is not None:
-                st["_dump"] = {}
+    for i, cfg in _configured(model):
+        st = cfg.stats if cfg.stats is not None else {}
+        for site, t in (st.get("_dump") or {}).items():
+            out[f"layers.{i}.{site}"] = t.contiguous()
+        if st.get("_dump") is not None:
+            st["_dump"] = {}
     return out
 
 
